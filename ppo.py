@@ -1,0 +1,511 @@
+"""PPO with a learned critic for LLM reasoning (Schulman et al. 2017, arXiv 1707.06347; the LLM recipe of
+Ouyang et al. 2022 and of VinePPO's PPO baseline, arXiv 2410.01679, appendix).
+
+The policy samples responses to math prompts; a grader gives reward 1 or 0 on the last (EOS) token. A
+critic (a copy of the policy's transformer with a linear value head) predicts V(s_t) for every response
+prefix; GAE turns rewards and values into per-token advantages, which are whitened and fed to the clipped
+PPO surrogate for several epochs of minibatches. A KL penalty keeps the policy near its starting point.
+This is the baseline every other script in this repository is compared with.
+
+Choices (shared/docs/ALGORITHMS.md section 1 gives the options):
+- KL: VinePPO's k3 estimator in the loss (per token, summed per sequence, coefficient 1e-4), not TRL's
+  k1 penalty in the reward; both are logged.
+- GAE with gamma = 1 and lambda = 1 (VinePPO's PPO runs); `--lam 0.95` gives TRL's setting.
+- Defaults are sized for the offline CPU run (8 prompts x 4 samples, lr 1e-5, 128 new tokens); the
+  paper's scale (64 x 8, lr 1e-6, T = 0.6, top-p 0.9) is a matter of flags on a GPU.
+- The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
+  sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
+
+Run:  python ppo.py                                                        # CPU, offline, default
+      python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
+from common.generation import make_generator
+from common.grading import grade
+from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class Args:
+    # ---- shared by every script in this repository ----
+    model: str = DEFAULT_MODEL
+    """hub name or local folder of an instruct model; `smollm2-135m` is the offline default"""
+    dataset: str = DEFAULT_DATASET
+    """arithmetic (offline default), gsm8k, math, rg:<task>[:k=v,...], or a .jsonl/.parquet file"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """generation backend: hf (transformers, CPU or GPU) or vllm (one GPU)"""
+    seed: int = 1
+    """seed of the run (data order, sampling, initialisation)"""
+    num_steps: int = 40
+    """training iterations (each: generate, grade, estimate, update)"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{exp_name}__{seed}__{unix time}"""
+    exp_name: str = "ppo"
+    """name of the experiment, first part of the run folder"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    bf16: bool = True
+    """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the policy and critic"""
+    num_prompts: int = 8
+    """prompts per iteration"""
+    samples_per_prompt: int = 4
+    """responses sampled per prompt; the batch is num_prompts * samples_per_prompt samples"""
+    max_new_tokens: int | None = None
+    """response length limit in tokens (None: 128 for generated tasks, 512 for gsm8k, math and files)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs for the ratio and KL use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; below 1 the update is slightly off-policy"""
+    num_epochs: int = 2
+    """passes of PPO updates over each batch"""
+    minibatch_size: int = 16
+    """samples per optimizer step; must divide the batch"""
+    micro_batch_size: int = 8
+    """samples per forward/backward (gradient accumulation); must divide minibatch_size"""
+    gen_batch_size: int = 64
+    """sequences per generate call of the hf backend"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the policy"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    num_train_problems: int = 10_000
+    """training problems to draw from (generated tasks make this many)"""
+    num_eval_problems: int = 200
+    """held-out problems for the greedy evaluation"""
+    eval_every: int = 10
+    """greedy evaluation every N iterations (and before the first and after the last)"""
+    num_logged_samples: int = 3
+    """sample completions written to the log at each evaluation"""
+    max_minutes: float | None = None
+    """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
+    save_model: bool = True
+    """save the final policy with save_pretrained into the run folder"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project: str = "llm-rl-reference"
+    """wandb project name (with --track)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of GPU memory vLLM may take (the rest trains)"""
+
+    # ---- algorithm specific arguments ----
+    critic_learning_rate: float = 1e-5
+    """AdamW learning rate of the critic"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 1.0
+    """GAE lambda (1.0: Monte Carlo return minus the critic's value)"""
+    clip_eps: float = 0.2
+    """PPO ratio clip"""
+    value_clip: float = 0.2
+    """clip of the new value around the old one in the value loss"""
+    kl_coef: float = 1e-4
+    """coefficient of the k3 KL to the reference in the loss (summed per sequence)"""
+    whiten_advantages: bool = True
+    """normalise advantages over the batch's response tokens"""
+
+    # ---- computed at runtime ----
+    batch_size: int = 0
+    """(computed) samples per iteration: num_prompts * samples_per_prompt"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
+# ---------------------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); 0 outside the mask."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
+    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+
+
+def place_rewards(scores: torch.Tensor, lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B,) outcome scores -> (B, T) token rewards: the score sits on each response's LAST token (its EOS
+    token, or the last token of a truncated response) and never on padding after it."""
+    rewards = torch.zeros(len(scores), num_tokens, dtype=torch.float32)
+    rewards[torch.arange(len(scores)), lengths - 1] = scores.float()
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over right-padded responses. (B, T) each -> (advantages, returns).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t), with V = 0 after the last token (the episode ends there);
+    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V.
+    """
+    values = values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target); NaN when the target is constant (e.g. all rewards 0)."""
+    var = torch.var(target)
+    return float("nan") if var < 1e-8 else float(1 - torch.var(target - predicted) / var)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def ppo_value_loss(values, old_values, returns, mask, value_clip: float):
+    """0.5 * token mean of max((V - G)^2, (clip(V, V_old +- c) - G)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models: the critic, and the forward pass that reads response-token log-probs / values.
+# ---------------------------------------------------------------------------------------------------------
+class Critic(nn.Module):
+    """The policy's transformer (a separate copy) with a linear value head on the last hidden state."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1 / np.sqrt(hidden_size + 1))  # as VinePPO's critic
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden.float()).squeeze(-1)  # (B, L)
+
+
+@dataclass
+class Batch:
+    """Prompts left-padded and responses right-padded into one (B, P + T) block, so that every
+    response token sits at column P + t and the prediction for it at column P + t - 1."""
+
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor  # (B, P + T), counting from the first real token (matches generation)
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens (EOS included)
+    prompt_width: int  # P
+
+    def rows(self, idx) -> "Batch":
+        """A sub-batch, trimmed to its own longest prompt and response (less padding, less compute)."""
+        attention, response_mask = self.attention_mask[idx], self.response_mask[idx]
+        first = int(attention.argmax(1).min())  # leftmost real token among these rows
+        T = int(response_mask.sum(1).max())
+        cols = slice(first, self.prompt_width + T)
+        return Batch(self.input_ids[idx][:, cols], attention[:, cols], self.position_ids[idx][:, cols],
+                     response_mask[:, :T], self.prompt_width - first)
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    P = max(len(p) for p in prompts)
+    T = max(len(r) for r in responses)
+    B = len(prompts)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p)
+        input_ids[i, P : P + len(r)] = torch.tensor(r)
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, attention_mask, position_ids, response_mask, P)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+    dev = model.device
+    logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
+    T = batch.response_mask.shape[1]
+    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
+    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    if not with_entropy:
+        return token_logprobs
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
+    return token_logprobs, entropy
+
+
+def critic_values(critic: Critic, batch: Batch) -> torch.Tensor:
+    """V(s_t) for each response token t, read at the position before it (the state it is sampled from)."""
+    dev = critic.head.weight.device
+    values = critic(batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev))
+    T = batch.response_mask.shape[1]
+    return values[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].cpu()
+
+
+def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
+    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
+    T = batch.response_mask.shape[1]
+    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
+    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation and logging helpers.
+# ---------------------------------------------------------------------------------------------------------
+def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
+    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
+    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
+                              max_new_tokens=max_new_tokens, temperature=0.0)
+    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
+    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
+
+
+def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
+    rows = ["| question | response | reward |", "|---|---|---|"]
+    for q, r, s in samples:
+        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
+    return "\n".join(rows)
+
+
+def check_args(args: Args) -> None:
+    """Reject inconsistent batch sizes before anything is loaded or written."""
+    args.batch_size = args.num_prompts * args.samples_per_prompt
+    if args.batch_size % args.minibatch_size:
+        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
+                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
+    if args.minibatch_size % args.micro_batch_size:
+        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
+                         f"--minibatch-size {args.minibatch_size}")
+    if args.max_new_tokens is None:
+        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
+        args.max_new_tokens = 128 if generated else 512
+    if args.temperature <= 0:
+        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = default_device() if args.device == "auto" else args.device
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
+        else contextlib.nullcontext
+
+    train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
+    eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
+    tokenizer = load_tokenizer(args.model)
+    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    reference = load_model(args.model, device=device).eval().requires_grad_(False)
+    critic = Critic(load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+                    .get_decoder(), policy.config.hidden_size).to(device)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
+    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
+                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                               seed=args.seed)
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
+    history = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    start_time = time.time()
+
+    def run_eval(step: int) -> float:
+        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
+        writer.add_scalar("charts/eval_accuracy", acc, step)
+        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
+        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
+        history.flush()
+        return acc
+
+    eval_acc = run_eval(0)
+    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    for step in progress:
+        t_step = time.time()
+
+        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each.
+        first = ((step - 1) * args.num_prompts) % len(train_problems)
+        problems = [train_problems[(first + i) % len(train_problems)] for i in range(args.num_prompts)]
+        prompts = [prompt_ids(tokenizer, p.question) for p in problems]
+        t0 = time.time()
+        outs = generator.generate(prompts, n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed * 100_003 + step)
+        completions = [c for row in outs for c in row]  # (B,) prompt-major: sample j of prompt i at i*K + j
+        t_gen = time.time() - t0
+
+        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
+        answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
+        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
+                           [c.token_ids for c in completions], tokenizer.pad_token_id)
+        mask = batch.response_mask  # (B, T)
+        lengths = mask.sum(1).long()  # (B,)
+        rewards = place_rewards(scores, lengths, mask.shape[1])  # (B, T)
+
+        # 2.3 PPO's own part: old log-probs, reference log-probs, critic values, GAE advantages.
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            policy.eval()
+            old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
+                                            args.micro_batch_size) * mask  # (B, T)
+            ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
+                                            args.micro_batch_size) * mask  # (B, T)
+        t_ref = time.time() - t0
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            critic.eval()
+            old_values = in_micro_batches(lambda b: critic_values(critic, b), batch, args.micro_batch_size) * mask
+        t_critic = time.time() - t0
+        advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, T) each
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        t0 = time.time()
+        policy.train()
+        critic.train()
+        stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
+        accumulation = args.minibatch_size // args.micro_batch_size
+        for _ in range(args.num_epochs):
+            order = torch.randperm(args.batch_size)
+            for mb_start in range(0, args.batch_size, args.minibatch_size):
+                mb = order[mb_start : mb_start + args.minibatch_size]
+                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
+                for micro in mb.split(args.micro_batch_size):
+                    sub = batch.rows(micro)
+                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
+                    weight = m.sum() / mb_tokens
+                    with autocast():
+                        logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
+                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
+                                                                       m, args.clip_eps)
+                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean()  # summed per sequence
+                        values = critic_values(critic, sub)
+                        v_loss = ppo_value_loss(values, cut(old_values), cut(returns), m, args.value_clip)
+                    # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
+                    # over sequences, takes each micro-batch's share 1 / accumulation.
+                    (pg_loss * weight + args.kl_coef * kl / accumulation + v_loss * weight).backward()
+                    for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clipfrac", clipfrac),
+                                 ("approx_kl", approx_kl), ("entropy", masked_mean(entropy, m)), ("kl_k3", kl)):
+                        stats[k].append(float(v.detach()))
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                policy_opt.step()
+                critic_opt.step()
+                policy_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+        generator.sync_weights(policy)
+        t_update = time.time() - t0
+
+        # 2.5 Log; evaluate every eval_every steps.
+        kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1).mean()
+        explained_var = explained_variance(old_values[mask.bool()], returns[mask.bool()])
+        step_time = time.time() - t_step
+        logs = {
+            "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
+            "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
+            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "losses/policy_loss": np.mean(stats["policy_loss"]), "losses/value_loss": np.mean(stats["value_loss"]),
+            "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
+            "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
+            "losses/kl_ref_k1": kl_k1, "losses/explained_variance": explained_var,
+            "time/generation": t_gen, "time/reference": t_ref, "time/critic": t_critic, "time/update": t_update,
+        }
+        for k, v in logs.items():
+            writer.add_scalar(k, float(v), step)
+        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
+                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
+        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
+        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
+            eval_acc = run_eval(step)
+            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
+        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if out_of_time:
+            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+            break
+
+    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
+    if args.save_model:
+        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.move(tmp, final)
+        tqdm.write(f"saved the final policy to {final}")
+    history.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:
+        main(cli_args)
+    except (ModelLoadError, DataError) as e:
+        sys.exit(f"error: {e}")
