@@ -74,8 +74,8 @@ class Args:
     """responses sampled per prompt; the batch is num_prompts * samples_per_prompt samples"""
     max_new_tokens: int | None = None
     """response length limit in tokens (None: 128 for generated tasks, 512 for gsm8k, math and files)"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs for the ratio and KL use the same temperature"""
+    temperature: float = 0.6
+    """sampling temperature (VinePPO's 0.6); log-probs for the ratio and KL use the same temperature"""
     top_p: float = 1.0
     """nucleus sampling; below 1 the update is slightly off-policy"""
     num_epochs: int = 2
@@ -373,7 +373,7 @@ def main(args: Args) -> None:
         import wandb
 
         wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
     start_time = time.time()
 
     def run_eval(step: int) -> float:
@@ -381,7 +381,6 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/eval_accuracy", acc, step)
         writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
-        history.flush()
         return acc
 
     eval_acc = run_eval(0)

@@ -1,0 +1,572 @@
+"""Numca (Chen et al., "Hista and Numca", arXiv 2605.29782): state values from the numbers a response has
+written so far, on a GRPO/DAPO base. No critic, no extra model pass.
+
+The state of a math response is the SET of distinct numbers it has written so far. For each prompt, a
+table kept for the whole run maps state -> (count, reward sum) over every rollout that passed through
+it, so V(state) is the mean final reward of those rollouts (V(empty set) is the prompt's running pass
+rate). A response is cut into segments where a new number appears ("milestones"); each token of segment
+j gets R - V(state_j) (the lambda = 1 case of a GAE-style pass over segments), divided by the group's
+reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28), token-level mean, no KL.
+`--no-numca` gives plain GRPO/DAPO from the same file: every token gets (R - group mean) / (std + 1e-4).
+
+Choices and departures (shared/docs/ALGORITHMS.md sections 4 and 5; official code VOXXXX1874/Hista):
+- As in the official code, the table is updated with the whole batch BEFORE advantages are read, so a
+  rollout's own reward is part of every value it is scored against (a state only it reached has V = R,
+  hence advantage 0 from there on).
+- As in the official code, a milestone is the position where a number starts; a token belongs to the
+  new segment only if it starts after that character (the token holding the number's first character
+  is still scored against the previous state); milestones closer than `--min-gap` characters merge
+  into the later one, with the later state. The final number (the answer) is not a milestone.
+- Numbers are digit runs with their decimals and thousands separators ("1,234.5" is one number,
+  written "1234.5"); the official code takes bare digit runs (`[0-9]+`), which splits "3.5" in two.
+- Defaults sized for the offline CPU run: 4 prompts x 8 samples, lr 1e-5, one pass of 4 minibatches
+  (the recipe's "4 PPO iterations"), T = 0.6 (the recipe: lr 1e-6, T = 0.7 on Qwen2.5-Math-1.5B).
+  The default task stays `arithmetic`: its responses restate the operands and write intermediate and
+  final results, several distinct numbers each, and the model solves 27% of them sampling; 3-term sums,
+  which would write more numbers, are solved 2-9% of the time (measured), too little reward to learn.
+
+Run:  python numca.py                                                        # CPU, offline, default
+      python numca.py --no-numca                                             # the GRPO/DAPO baseline
+      python numca.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+"""
+
+from __future__ import annotations
+
+import contextlib
+import bisect
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
+from common.generation import make_generator
+from common.grading import grade
+from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class Args:
+    # ---- shared by every script in this repository ----
+    model: str = DEFAULT_MODEL
+    """hub name or local folder of an instruct model; `smollm2-135m` is the offline default"""
+    dataset: str = DEFAULT_DATASET
+    """arithmetic (offline default), gsm8k, math, rg:<task>[:k=v,...], or a .jsonl/.parquet file"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """generation backend: hf (transformers, CPU or GPU) or vllm (one GPU)"""
+    seed: int = 1
+    """seed of the run (data order, sampling, initialisation)"""
+    num_steps: int = 40
+    """training iterations (each: generate, grade, estimate, update)"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{exp_name}__{seed}__{unix time}"""
+    exp_name: str = "numca"
+    """name of the experiment, first part of the run folder"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    bf16: bool = True
+    """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the policy"""
+    num_prompts: int = 4
+    """prompts per iteration"""
+    samples_per_prompt: int = 8
+    """responses sampled per prompt (the group); the batch is num_prompts * samples_per_prompt samples"""
+    max_new_tokens: int | None = None
+    """response length limit in tokens (None: 128 for generated tasks, 512 for gsm8k, math and files)"""
+    temperature: float = 0.6
+    """sampling temperature (VinePPO's 0.6); log-probs for the ratio and KL use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; below 1 the update is slightly off-policy"""
+    num_epochs: int = 1
+    """passes of PPO updates over each batch"""
+    minibatch_size: int = 8
+    """samples per optimizer step; must divide the batch"""
+    micro_batch_size: int = 8
+    """samples per forward/backward (gradient accumulation); must divide minibatch_size"""
+    gen_batch_size: int = 64
+    """sequences per generate call of the hf backend"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the policy"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    num_train_problems: int = 10_000
+    """training problems to draw from (generated tasks make this many)"""
+    num_eval_problems: int = 200
+    """held-out problems for the greedy evaluation"""
+    eval_every: int = 10
+    """greedy evaluation every N iterations (and before the first and after the last)"""
+    num_logged_samples: int = 3
+    """sample completions written to the log at each evaluation"""
+    max_minutes: float | None = None
+    """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
+    save_model: bool = True
+    """save the final policy with save_pretrained into the run folder"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project: str = "llm-rl-reference"
+    """wandb project name (with --track)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of GPU memory vLLM may take (the rest trains)"""
+
+    # ---- algorithm specific arguments ----
+    no_numca: bool = False
+    """plain GRPO/DAPO: every token gets the group-normalised outcome advantage (the paper's baseline)"""
+    min_gap: int = 50
+    """milestones closer than this many characters are merged into the later one"""
+    lam: float = 1.0
+    """lambda of the GAE-style pass over segments (1.0: R - V(state of the segment))"""
+    max_table_states: int | None = None
+    """cap on the table's size in states; past it the prompts updated longest ago are forgotten"""
+    clip_eps_low: float = 0.2
+    """PPO ratio clip below 1"""
+    clip_eps_high: float = 0.28
+    """PPO ratio clip above 1 (DAPO's clip-higher)"""
+    kl_coef: float = 0.0
+    """coefficient of a k3 KL to the reference in the loss (0: no reference model is loaded)"""
+
+    # ---- computed at runtime ----
+    batch_size: int = 0
+    """(computed) samples per iteration: num_prompts * samples_per_prompt"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
+# ---------------------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
+    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+
+
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def number_milestones(text: str, min_gap: int = 50) -> list[tuple[int, frozenset[str]]]:
+    """Where each new segment of `text` starts, and its state: the set of distinct numbers written so far.
+
+    A milestone is the character where a number not seen before starts; the last number of the text (the
+    final answer) is not one. Milestones closer than `min_gap` characters are merged into the later one,
+    which carries the later (larger) state. The first segment, from character 0 with the empty state, is
+    implied. Numbers are kept as written, without thousands separators: "1,234" -> "1234".
+    """
+    matches = list(NUMBER.finditer(text))[:-1]  # the final answer is not a milestone
+    positions = [m.start() for m in matches]
+    for i in range(len(positions) - 2, -1, -1):  # merge backwards: a close pair moves to the later one
+        if positions[i + 1] - positions[i] < min_gap:
+            positions[i] = positions[i + 1]
+    milestones: list[tuple[int, frozenset[str]]] = []
+    seen: set[str] = set()
+    for m, position in zip(matches, positions):
+        number = m.group().replace(",", "")
+        if number in seen:
+            continue  # a repeated number does not change the state
+        seen.add(number)
+        if milestones and milestones[-1][0] == position:
+            milestones[-1] = (position, frozenset(seen))
+        else:
+            milestones.append((position, frozenset(seen)))
+    return milestones
+
+
+class NumcaTable:
+    """Per prompt, state -> [count, reward sum] over every rollout that passed through the state, kept for
+    the whole run. `max_states` caps the total size: past it, the prompts updated longest ago are dropped."""
+
+    def __init__(self, max_states: int | None = None):
+        self.tables: OrderedDict[str, dict[frozenset, list[float]]] = OrderedDict()
+        self.max_states = max_states
+        self.size = 0  # states over all prompts
+
+    def update(self, prompt_id: str, path: list[frozenset], reward: float) -> None:
+        """Add `reward` once to each state of `path` (the states a rollout passed through, from the empty set)."""
+        table = self.tables.setdefault(prompt_id, {})
+        self.tables.move_to_end(prompt_id)
+        for state in set(path):
+            if state not in table:
+                table[state] = [0, 0.0]
+                self.size += 1
+            table[state][0] += 1
+            table[state][1] += reward
+        while self.max_states is not None and self.size > self.max_states and len(self.tables) > 1:
+            _, oldest = self.tables.popitem(last=False)
+            self.size -= len(oldest)
+
+    def value(self, prompt_id: str, state: frozenset) -> float:
+        """Mean reward of the rollouts of `prompt_id` that passed through `state` (0.0 if none did)."""
+        count, total = self.tables.get(prompt_id, {}).get(state, (0, 0.0))
+        return total / count if count else 0.0
+
+    def count(self, prompt_id: str, state: frozenset) -> int:
+        return self.tables.get(prompt_id, {}).get(state, (0, 0.0))[0]
+
+
+def segment_advantages(values: list[float], reward: float, lam: float = 1.0) -> list[float]:
+    """values[j] = V(state of segment j) (values[0] = V(empty set)). GAE-style over segments:
+    delta_j = V_{j+1} - V_j (last: R - V_last), A_j = delta_j + lam * A_{j+1}; lam = 1 gives R - V_j."""
+    advantages = [0.0] * len(values)
+    running = 0.0
+    for j in reversed(range(len(values))):
+        delta = (values[j + 1] if j + 1 < len(values) else reward) - values[j]
+        running = delta + lam * running
+        advantages[j] = running
+    return advantages
+
+
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """(num_prompts, G) rewards -> (num_prompts,) unbiased std of each group (0 for a group of one)."""
+    return rewards.std(dim=1) if rewards.shape[1] > 1 else torch.zeros(rewards.shape[0])
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(num_prompts, G) rewards -> (num_prompts, G): (R - group mean) / (group std + eps)."""
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (group_std(rewards)[:, None] + eps)
+
+
+def token_char_ends(tokenizer, token_ids: list[int]) -> list[int]:
+    """For each token, the length of the decoded text up to and including it (capped, non-decreasing)."""
+    text_len = len(tokenizer.decode(token_ids, skip_special_tokens=True))
+    ends, last = [], 0
+    for i in range(len(token_ids)):
+        # decoding a prefix can end in half a UTF-8 character (one replacement char): cap and keep monotone
+        last = max(last, min(text_len, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))))
+        ends.append(last)
+    return ends
+
+
+def token_segment_index(token_ends: list[int], milestone_positions: list[int]) -> list[int]:
+    """The segment of each token: the number of milestones at characters strictly before its first one.
+    A token starts where the previous one ends; segment 0 is the implied empty-state segment."""
+    starts = [0] + token_ends[:-1]
+    return [bisect.bisect_left(milestone_positions, start) for start in starts]
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
+    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean.
+    Returns (loss, clip fraction, approx KL(old || new))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The forward pass that reads response-token log-probs.
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Prompts left-padded and responses right-padded into one (B, P + T) block, so that every
+    response token sits at column P + t and the prediction for it at column P + t - 1."""
+
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor  # (B, P + T), counting from the first real token (matches generation)
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens (EOS included)
+    prompt_width: int  # P
+
+    def rows(self, idx) -> "Batch":
+        """A sub-batch, trimmed to its own longest prompt and response (less padding, less compute)."""
+        attention, response_mask = self.attention_mask[idx], self.response_mask[idx]
+        first = int(attention.argmax(1).min())  # leftmost real token among these rows
+        T = int(response_mask.sum(1).max())
+        cols = slice(first, self.prompt_width + T)
+        return Batch(self.input_ids[idx][:, cols], attention[:, cols], self.position_ids[idx][:, cols],
+                     response_mask[:, :T], self.prompt_width - first)
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    P = max(len(p) for p in prompts)
+    T = max(len(r) for r in responses)
+    B = len(prompts)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p)
+        input_ids[i, P : P + len(r)] = torch.tensor(r)
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, attention_mask, position_ids, response_mask, P)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+    dev = model.device
+    logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
+    T = batch.response_mask.shape[1]
+    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
+    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    if not with_entropy:
+        return token_logprobs
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
+    return token_logprobs, entropy
+
+
+def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
+    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
+    T = batch.response_mask.shape[1]
+    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
+    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation and logging helpers.
+# ---------------------------------------------------------------------------------------------------------
+def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
+    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
+    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
+                              max_new_tokens=max_new_tokens, temperature=0.0)
+    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
+    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
+
+
+def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
+    rows = ["| question | response | reward |", "|---|---|---|"]
+    for q, r, s in samples:
+        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
+    return "\n".join(rows)
+
+
+def check_args(args: Args) -> None:
+    """Reject inconsistent batch sizes before anything is loaded or written."""
+    args.batch_size = args.num_prompts * args.samples_per_prompt
+    if args.batch_size % args.minibatch_size:
+        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
+                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
+    if args.minibatch_size % args.micro_batch_size:
+        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
+                         f"--minibatch-size {args.minibatch_size}")
+    if args.max_new_tokens is None:
+        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
+        args.max_new_tokens = 128 if generated else 512
+    if args.temperature <= 0:
+        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = default_device() if args.device == "auto" else args.device
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
+        else contextlib.nullcontext
+
+    train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
+    eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
+    tokenizer = load_tokenizer(args.model)
+    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    # A reference model only when a KL term is asked for (DAPO has none).
+    reference = load_model(args.model, device=device).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    table = NumcaTable(args.max_table_states)
+    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
+                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                               seed=args.seed)
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
+    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time()
+
+    def run_eval(step: int) -> float:
+        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
+        writer.add_scalar("charts/eval_accuracy", acc, step)
+        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
+        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
+        return acc
+
+    eval_acc = run_eval(0)
+    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    for step in progress:
+        t_step = time.time()
+
+        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each.
+        first = ((step - 1) * args.num_prompts) % len(train_problems)
+        problems = [train_problems[(first + i) % len(train_problems)] for i in range(args.num_prompts)]
+        prompts = [prompt_ids(tokenizer, p.question) for p in problems]
+        t0 = time.time()
+        outs = generator.generate(prompts, n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed * 100_003 + step)
+        completions = [c for row in outs for c in row]  # (B,) prompt-major: sample j of prompt i at i*K + j
+        t_gen = time.time() - t0
+
+        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
+        answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
+        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
+                           [c.token_ids for c in completions], tokenizer.pad_token_id)
+        mask = batch.response_mask  # (B, T)
+        lengths = mask.sum(1).long()  # (B,)
+
+        # 2.3 Numca's own part: old log-probs (and the reference's), then per-segment advantages.
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            policy.eval()
+            old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
+                                            args.micro_batch_size) * mask  # (B, T)
+            ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
+                                            args.micro_batch_size) * mask if reference is not None else None
+        t_ref = time.time() - t0
+        t0 = time.time()
+        std = group_std(scores.view(args.num_prompts, args.samples_per_prompt))  # (num_prompts,)
+        if args.no_numca:
+            #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
+            per_sample = grpo_advantages(scores.view(args.num_prompts, args.samples_per_prompt)).flatten()  # (B,)
+            advantages = per_sample[:, None] * mask  # (B, T)
+            numca_stats = {}
+        else:
+            #   a. milestones of every response: where a new number starts, and the set of numbers so far
+            ids = [p.question for p in problems for _ in range(args.samples_per_prompt)]  # prompt id per sample
+            milestones = [number_milestones(c.text, args.min_gap) for c in completions]
+            paths = [[frozenset()] + [state for _, state in ms] for ms in milestones]
+            seen_before = [[table.count(i, state) > 0 for state in path] for i, path in zip(ids, paths)]
+            #   b. the whole batch goes into the run-long table first (as in the official code)
+            for i, path, reward in zip(ids, paths, scores.tolist()):
+                table.update(i, path, reward)
+            #   c. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std
+            advantages = torch.zeros_like(mask)  # (B, T)
+            seen_tokens = 0
+            for b, (c, ms, path) in enumerate(zip(completions, milestones, paths)):
+                values = [table.value(ids[b], state) for state in path]
+                seg_adv = segment_advantages(values, float(scores[b]), args.lam)
+                segment = token_segment_index(token_char_ends(tokenizer, c.token_ids), [pos for pos, _ in ms])
+                advantages[b, : len(segment)] = torch.tensor([seg_adv[j] for j in segment])
+                advantages[b] /= std[b // args.samples_per_prompt] + 1e-4
+                seen_tokens += sum(seen_before[b][j] for j in segment)
+            numca_stats = {
+                "numca/milestones_per_response": np.mean([len(ms) for ms in milestones]),
+                "numca/distinct_states_per_prompt": np.mean([len(table.tables[p.question]) for p in problems]),
+                "numca/table_size": table.size,
+                "numca/seen_state_token_frac": seen_tokens / float(mask.sum()),
+            }
+        t_numca = time.time() - t0
+
+        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        t0 = time.time()
+        policy.train()
+        stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
+        accumulation = args.minibatch_size // args.micro_batch_size
+        for _ in range(args.num_epochs):
+            order = torch.randperm(args.batch_size)
+            for mb_start in range(0, args.batch_size, args.minibatch_size):
+                mb = order[mb_start : mb_start + args.minibatch_size]
+                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
+                for micro in mb.split(args.micro_batch_size):
+                    sub = batch.rows(micro)
+                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
+                    weight = m.sum() / mb_tokens
+                    with autocast():
+                        logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
+                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
+                                                                       m, args.clip_eps_low, args.clip_eps_high)
+                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean() if reference is not None \
+                            else torch.zeros(())  # summed per sequence
+                    # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
+                    # over sequences, takes each micro-batch's share 1 / accumulation.
+                    (pg_loss * weight + args.kl_coef * kl / accumulation).backward()
+                    for k, v in (("policy_loss", pg_loss), ("clipfrac", clipfrac),
+                                 ("approx_kl", approx_kl), ("entropy", masked_mean(entropy, m)), ("kl_k3", kl)):
+                        stats[k].append(float(v.detach()))
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                policy_opt.step()
+                policy_opt.zero_grad(set_to_none=True)
+        generator.sync_weights(policy)
+        t_update = time.time() - t0
+
+        # 2.5 Log; evaluate every eval_every steps.
+        kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1).mean() if reference is not None else 0.0
+        step_time = time.time() - t_step
+        logs = {
+            "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
+            "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
+            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "losses/policy_loss": np.mean(stats["policy_loss"]),
+            "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
+            "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
+            "losses/kl_ref_k1": kl_k1,
+            "time/generation": t_gen, "time/reference": t_ref, "time/numca": t_numca, "time/update": t_update,
+            "numca/time_share": t_numca / step_time, **numca_stats,
+        }
+        for k, v in logs.items():
+            writer.add_scalar(k, float(v), step)
+        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
+                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
+        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
+        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
+            eval_acc = run_eval(step)
+            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
+        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if out_of_time:
+            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+            break
+
+    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
+    if args.save_model:
+        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.move(tmp, final)
+        tqdm.write(f"saved the final policy to {final}")
+    history.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:
+        main(cli_args)
+    except (ModelLoadError, DataError) as e:
+        sys.exit(f"error: {e}")
