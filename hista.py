@@ -427,8 +427,6 @@ def main(args: Args) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = default_device() if args.device == "auto" else args.device
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 

@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny random model (SmolLM2's tokenizer, 2 layers) and a script runner."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -30,3 +32,16 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_tiny(script: str, tmp_path: Path, *args: str) -> tuple[Path, list[dict]]:
+    """Run `script` end to end on the tiny model; check it succeeded, wrote a final model and finite losses.
+    Returns the run folder and the per-step training records of its metrics.jsonl."""
+    proc = run_script(script, "--model", "tiny-random", "--output-dir", str(tmp_path), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "losses/policy_loss" in r]
+    assert train and all(math.isfinite(r["losses/policy_loss"]) for r in train)
+    assert (run_dir / "final_model" / "config.json").exists()
+    return run_dir, records

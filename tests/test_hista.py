@@ -1,12 +1,11 @@
 """hista.py: MinDistance, the batched prefix distances, kNN values, the EMA, one forward pass, end to end."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_tiny
 from hista import (Batch, ema_smooth, hista_group_values, knn_value, linear_k, make_batch, min_distance,
                    prefix_distances, response_logprobs, window_means)
 
@@ -106,17 +105,13 @@ def test_hidden_states_come_from_the_log_prob_forward(tiny_model, tokenizer):
     assert torch.allclose(hidden[1, 0], alone, atol=1e-4)
 
 
-TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "16",
         "--eval-every", "1", "--interval", "4"]
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-hista"]])
 def test_hista_end_to_end(tmp_path, flags):
-    proc = run_script("hista.py", *TINY, *flags, "--output-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = tmp_path.iterdir()
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if "losses/policy_loss" in r]
-    assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
-    assert ("hista/states_per_response" in train[0]) == (not flags)
+    _, records = run_tiny("hista.py", tmp_path, *TINY, *flags)
+    train = [r for r in records if "losses/policy_loss" in r]
+    assert len(train) == 2 and ("hista/states_per_response" in train[0]) == (not flags)

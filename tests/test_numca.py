@@ -1,12 +1,9 @@
 """numca.py: milestones, the run-long table, segment advantages, the token mapping, end to end."""
 
-import json
-import math
-
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_tiny
 from numca import (NumcaTable, grpo_advantages, number_milestones, segment_advantages, token_char_ends,
                    token_segment_index)
 
@@ -110,17 +107,13 @@ def test_grpo_advantages():
     assert torch.equal(adv[1], torch.zeros(4))
 
 
-TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "16",
         "--eval-every", "1"]
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-numca"]])
 def test_numca_end_to_end(tmp_path, flags):
-    proc = run_script("numca.py", *TINY, *flags, "--output-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = tmp_path.iterdir()
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if "losses/policy_loss" in r]
-    assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
-    assert ("numca/table_size" in train[0]) == (not flags)
+    _, records = run_tiny("numca.py", tmp_path, *TINY, *flags)
+    train = [r for r in records if "losses/policy_loss" in r]
+    assert len(train) == 2 and ("numca/table_size" in train[0]) == (not flags)
