@@ -58,7 +58,7 @@ class Args:
     """generation backend: hf (transformers, CPU or GPU) or vllm (one GPU)"""
     seed: int = 1
     """seed of the run (data order, sampling, initialisation)"""
-    num_steps: int = 40
+    num_steps: int = 20
     """training iterations (each: generate, grade, estimate, update)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{exp_name}__{seed}__{unix time}"""
@@ -96,7 +96,7 @@ class Args:
     """training problems to draw from (generated tasks make this many)"""
     num_eval_problems: int = 200
     """held-out problems for the greedy evaluation"""
-    eval_every: int = 10
+    eval_every: int = 4
     """greedy evaluation every N iterations (and before the first and after the last)"""
     num_logged_samples: int = 3
     """sample completions written to the log at each evaluation"""
