@@ -235,6 +235,14 @@ def linear_k(index: int, num_states: int, k_max: int, k_min: int) -> int:
     return round(k_max + (k_min - k_max) * index / (num_states - 1))
 
 
+def candidate_prefixes(lengths: list[int], interval: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbour pool of a prompt: every `interval` tokens and the end of each rollout (lengths[g] response
+    tokens), as (rollout index, windows in the prefix) tensors; a prefix of p tokens has ceil(p / window)."""
+    cands = [[-(-p // window) for p in list(range(interval, T, interval)) + [T]] for T in lengths]
+    return (torch.tensor([g for g, cs in enumerate(cands) for _ in cs]),
+            torch.tensor([w for cs in cands for w in cs]))
+
+
 def hista_group_values(hidden: list[torch.Tensor], rewards: list[float], interval: int, alpha: float,
                        window: int, k_max: int, k_min: int, d_min: float) -> tuple[list[list[float]], list[float]]:
     """Values of the states of every rollout of one prompt, from their response hidden states.
@@ -246,10 +254,7 @@ def hista_group_values(hidden: list[torch.Tensor], rewards: list[float], interva
     reps = [window_means(ema_smooth(h.float(), alpha), window) for h in hidden]  # (ceil(T_g / window), D)
     D = prefix_distances(reps)  # (G, G, L, L)
     R = torch.tensor(rewards)
-    # candidate prefixes: every `interval` tokens and the response end, as (rollout, windows in the prefix)
-    cands = [[-(-p // window) for p in list(range(interval, h.shape[0], interval)) + [h.shape[0]]] for h in hidden]
-    cand_g = torch.tensor([g for g, cs in enumerate(cands) for _ in cs])
-    cand_w = torch.tensor([w for cs in cands for w in cs])
+    cand_g, cand_w = candidate_prefixes([h.shape[0] for h in hidden], interval, window)
     group_mean = float(R.mean())
     values, kth = [], []
     for g, h in enumerate(hidden):
