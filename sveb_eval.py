@@ -29,7 +29,7 @@ what the prefix left of max_new_tokens) and the same grading.
 
 Choices and departures (shared/docs/ALGORITHMS.md section 7):
 - Sizes. The paper: G = 32 responses, n = 20 continuations, T = 0.7, Qwen2.5-1.5B-Instruct, thousands of
-  problems. The CPU default: 48 problems, G = 8, n = 16, K = 9, 32 training problems, ~25 minutes of build
+  problems. The CPU default: 48 problems, G = 8, n = 16, K = 9, 64 training problems (build time: see README)
   on 2 cores. Everything scales by flags; on a GPU use `--backend vllm`.
 - Default task: the project's `arithmetic` (2 terms, SmolLM2-135M right ~10-30% of the time at T = 0.7). We
   measured the 135M model on tasks that need intermediate numbers (3-term chain sums and + - * of one
@@ -58,7 +58,7 @@ Choices and departures (shared/docs/ALGORITHMS.md section 7):
   has five fields; a generated arithmetic task only has these two. Tiers by the G responses' pass rate:
   none right, below half, half or more, all right.
 
-Run:  python sveb_eval.py                                  # CPU, offline: build (~25 min) then evaluate
+Run:  python sveb_eval.py                                  # CPU, offline: build, then evaluate
       python sveb_eval.py --stage eval --bench-file runs/sveb/bench.jsonl
       python sveb_eval.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --backend vllm \\
           --num-problems 500 --group-size 32 --num-truth 20 --max-new-tokens 2048   # the paper's scale, one GPU
@@ -416,7 +416,9 @@ def read_bench(path: str) -> tuple[dict | None, list[dict]]:
         with open(path, "wb") as f:
             f.write(complete)
     lines = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-    if not lines or lines[0].get("kind") != "header":
+    if not lines:
+        return None, []  # interrupted before its first line was written
+    if lines[0].get("kind") != "header":
         raise DataError(f"{path} is not an SVEB benchmark file (no header line); choose another --bench-file")
     return lines[0]["config"], lines[1:]
 
@@ -460,8 +462,7 @@ def build(args: Args) -> str:
         progress = tqdm(total=len(todo), desc="sveb build", unit="problem", dynamic_ncols=True)
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start : start + args.chunk_size]
-            for record in build_chunk(chunk, generator, tokenizer, args):
-                out.write(json.dumps(record) + "\n")
+            out.write("".join(json.dumps(record) + "\n" for record in build_chunk(chunk, generator, tokenizer, args)))
             out.flush()
             os.fsync(out.fileno())  # a chunk on disk is a chunk never redone
             progress.update(len(chunk))

@@ -190,6 +190,41 @@ def test_prm_value_depends_only_on_the_prefix(tiny_model, tokenizer):
     assert v[0] != pytest.approx(0.5, abs=1e-6)
 
 
+# ---- the build's cut and Monte Carlo values, with a generator whose outputs are known ----
+class ScriptedGenerator:
+    """Responses: one fixed correct solution. Continuations from a state: the j-th is right when j is even,
+    so k continuations are worth ceil(k / 2) / k."""
+
+    def __init__(self, tokenizer, prompts):
+        self.tok, self.prompts = tokenizer, [tuple(p) for p in prompts]
+
+    def completion(self, text):
+        from common.generation import Completion
+
+        ids = self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
+        return Completion(ids, text, True)
+
+    def generate(self, inputs, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=None):
+        if all(tuple(x) in self.prompts for x in inputs):
+            return [[self.completion("2 + 3 = 5. So the answer is \\boxed{5}") for _ in range(n)] for _ in inputs]
+        return [[self.completion(" \\boxed{5}" if j % 2 == 0 else " \\boxed{4}") for j in range(n)] for _ in inputs]
+
+
+def test_build_chunk_cut_and_monte_carlo_values_are_exact(tokenizer):
+    from common.data import Problem, prompt_ids
+
+    problems = [Problem("What is 2 + 3?", "5"), Problem("What is 1 + 4?", "5")]
+    args = Args(group_size=3, num_truth=4, mc_k=3, max_new_tokens=64)
+    gen = ScriptedGenerator(tokenizer, [prompt_ids(tokenizer, p.question) for p in problems])
+    records = sveb_eval.build_chunk([("bench", i, p) for i, p in enumerate(problems)], gen, tokenizer, args)
+    for r in records:
+        assert [x["reward"] for x in r["responses"]] == [1.0, 1.0, 1.0]
+        text = r["responses"][0]["text"]
+        assert r["cut_response"] == 0 and text[r["cut_space"]] == " "
+        assert r["cut_text"] == text[: r["cut_space"]] and r["cut_char"] == r["cut_space"]
+        assert (r["truth"], r["mc1"], r["mc2"], r["mck"]) == (0.5, 1.0, 0.5, pytest.approx(2 / 3))
+
+
 # ---- the build file ----
 def tiny_args(tmp_path, **kw):
     args = Args(model="tiny-random", dataset="arithmetic", output_dir=str(tmp_path), num_problems=2,
