@@ -304,33 +304,33 @@ def train_critic(critic: ppo.Critic, rows: list[dict], lam: float, args: Args, p
     returns (gamma 1, lambda `lam`), `critic_epochs` epochs of clipped value loss in minibatches."""
     opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
     losses = []
-    for p in range(args.critic_passes):
-        for step_rows in training_steps(rows, args.steps_batch, args.seed + p):
-            batch = ppo.make_batch([r["prompt_ids"] for r in step_rows], [r["token_ids"] for r in step_rows], pad_id)
-            mask = batch.response_mask
-            scores = torch.tensor([r["reward"] for r in step_rows])
-            rewards = ppo.place_rewards(scores, mask.sum(1).long(), mask.shape[1])
-            with torch.no_grad(), autocast():
-                critic.eval()
-                old_values = ppo.in_micro_batches(lambda b: ppo.critic_values(critic, b), batch,
-                                                  args.micro_batch_size) * mask
-            _, returns = ppo.compute_gae(rewards, old_values, mask, 1.0, lam)
-            critic.train()
-            for _ in range(args.critic_epochs):
-                for mb in torch.randperm(len(step_rows)).split(args.minibatch_size):
-                    mb_tokens = mask[mb].sum()
-                    for micro in mb.split(args.micro_batch_size):
-                        sub = batch.rows(micro)
-                        m = sub.response_mask
-                        with autocast():
-                            values = ppo.critic_values(critic, sub)
-                            loss = ppo.ppo_value_loss(values, old_values[micro, : m.shape[1]],
-                                                      returns[micro, : m.shape[1]], m, args.value_clip)
-                        (loss * m.sum() / mb_tokens).backward()
-                        losses.append(float(loss.detach()))
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), ppo.Args.max_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+    steps = [s for p in range(args.critic_passes) for s in training_steps(rows, args.steps_batch, args.seed + p)]
+    for step_rows in tqdm(steps, desc=f"critic lambda={lam:g}", dynamic_ncols=True, leave=False):
+        batch = ppo.make_batch([r["prompt_ids"] for r in step_rows], [r["token_ids"] for r in step_rows], pad_id)
+        mask = batch.response_mask
+        scores = torch.tensor([r["reward"] for r in step_rows])
+        rewards = ppo.place_rewards(scores, mask.sum(1).long(), mask.shape[1])
+        with torch.no_grad(), autocast():
+            critic.eval()
+            old_values = ppo.in_micro_batches(lambda b: ppo.critic_values(critic, b), batch,
+                                              args.micro_batch_size) * mask
+        _, returns = ppo.compute_gae(rewards, old_values, mask, 1.0, lam)
+        critic.train()
+        for _ in range(args.critic_epochs):
+            for mb in torch.randperm(len(step_rows)).split(args.minibatch_size):
+                mb_tokens = mask[mb].sum()
+                for micro in mb.split(args.micro_batch_size):
+                    sub = batch.rows(micro)
+                    m = sub.response_mask
+                    with autocast():
+                        values = ppo.critic_values(critic, sub)
+                        loss = ppo.ppo_value_loss(values, old_values[micro, : m.shape[1]],
+                                                  returns[micro, : m.shape[1]], m, args.value_clip)
+                    (loss * m.sum() / mb_tokens).backward()
+                    losses.append(float(loss.detach()))
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), ppo.Args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     return {"final_value_loss": float(np.mean(losses[-8:])) if losses else float("nan")}
 
 
@@ -348,32 +348,32 @@ def train_prm(prm, reference, rows: list[dict], args: Args, temperature: float, 
     one pass of prm_ce_loss in minibatches. Returns the PRM accuracy on each batch before its update."""
     opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, eps=1e-5)
     accuracies, losses = [], []
-    for p in range(args.prm_passes):
-        for step_rows in training_steps(rows, args.steps_batch, args.seed + p):
-            batch = prime.make_batch([r["prompt_ids"] for r in step_rows], [r["token_ids"] for r in step_rows], pad_id)
-            mask = batch.response_mask
-            labels = torch.tensor([r["reward"] for r in step_rows])
-            with torch.no_grad(), autocast():
-                prm.eval()
-                ref_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(reference, b, temperature), batch,
-                                                args.micro_batch_size) * mask
-                prm_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(prm, b, temperature), batch,
-                                                args.micro_batch_size) * mask
-            logits = prime.implicit_process_rewards(prm_lp, ref_lp, mask, args.beta).sum(1)
-            accuracies.append(float(((logits > 0).float() == labels).float().mean()))
-            prm.train()
-            for mb in torch.randperm(len(step_rows)).split(args.minibatch_size):
-                for micro in mb.split(args.micro_batch_size):
-                    sub = batch.rows(micro)
-                    m = sub.response_mask
-                    with autocast():
-                        lp = prime.response_logprobs(prm, sub, temperature)
-                        loss = prime.prm_ce_loss(lp, ref_lp[micro, : m.shape[1]], m, labels[micro], args.beta)
-                    (loss * len(micro) / len(mb)).backward()
-                    losses.append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(prm.parameters(), prime.Args.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    steps = [s for p in range(args.prm_passes) for s in training_steps(rows, args.steps_batch, args.seed + p)]
+    for step_rows in tqdm(steps, desc="PRIME's PRM", dynamic_ncols=True, leave=False):
+        batch = prime.make_batch([r["prompt_ids"] for r in step_rows], [r["token_ids"] for r in step_rows], pad_id)
+        mask = batch.response_mask
+        labels = torch.tensor([r["reward"] for r in step_rows])
+        with torch.no_grad(), autocast():
+            prm.eval()
+            ref_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(reference, b, temperature), batch,
+                                            args.micro_batch_size) * mask
+            prm_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(prm, b, temperature), batch,
+                                            args.micro_batch_size) * mask
+        logits = prime.implicit_process_rewards(prm_lp, ref_lp, mask, args.beta).sum(1)
+        accuracies.append(float(((logits > 0).float() == labels).float().mean()))
+        prm.train()
+        for mb in torch.randperm(len(step_rows)).split(args.minibatch_size):
+            for micro in mb.split(args.micro_batch_size):
+                sub = batch.rows(micro)
+                m = sub.response_mask
+                with autocast():
+                    lp = prime.response_logprobs(prm, sub, temperature)
+                    loss = prime.prm_ce_loss(lp, ref_lp[micro, : m.shape[1]], m, labels[micro], args.beta)
+                (loss * len(micro) / len(mb)).backward()
+                losses.append(float(loss.detach()))
+            torch.nn.utils.clip_grad_norm_(prm.parameters(), prime.Args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return {"prm_accuracy_per_step": accuracies, "final_prm_loss": float(np.mean(losses[-8:])) if losses else float("nan")}
 
 
