@@ -236,6 +236,15 @@ def mae_with_se(estimates: list[float], truths: list[float]) -> tuple[float, flo
     return float(errors.mean()), se, len(errors)
 
 
+def paired_difference(errors_a: list[float], errors_b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same states, and its standard error (ddof 1): is estimator a better than b?
+    Far tighter than comparing two MAEs' own standard errors, since both err on the same hard states."""
+    d = np.asarray(errors_a, dtype=float) - np.asarray(errors_b, dtype=float)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan")), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
 def correlation(x: list[float], y: list[float]) -> float:
     """Pearson correlation; NaN when either side is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -611,6 +620,10 @@ def summarise(bench: list[dict], estimates: dict[str, list[float]], args: Args) 
         for t in TIERS:
             idx = [i for i, x in enumerate(tiers) if x == t]
             results["mae_by_tier"][name][t] = mae_with_se([est[i] for i in idx], [truth[i] for i in idx])
+    if "GRPO" in estimates:  # each estimator's error minus the group mean's, state by state
+        grpo_err = np.abs(np.asarray(estimates["GRPO"]) - np.asarray(truth))
+        results["minus_grpo"] = {name: paired_difference(np.abs(np.asarray(estimates[name]) - np.asarray(truth)),
+                                                         grpo_err) for name in names}
     # The noise floor: even a perfect estimator differs from an n-sample ground truth by about this much.
     results["truth_sampling_se"] = float(np.mean([math.sqrt(v * (1 - v) / max(1, args.num_truth)) for v in truth]))
     group_mean = [grpo_value([x["reward"] for x in r["responses"]]) for r in bench]
@@ -639,16 +652,18 @@ def markdown_tables(results: dict, config: dict) -> str:
     lines = [f"SVEB: MAE against MC@{config['num_truth']} ground truth (± standard error), {results['num_problems']} "
              f"states, {config['model']}, {config['dataset']}, G = {config['group_size']}, T = {config['temperature']}",
              "", f"| estimator | number (n={f['number']}) | other (n={f['other']}) | all (n={results['num_problems']}) "
-             "| paper: number / math |", "|---|---|---|---|---|"]
+             "| all minus GRPO (paired) | paper: number / math |", "|---|---|---|---|---|---|"]
     for name, m in results["mae"].items():
         paper = PAPER_MAE.get(name)
         label = name.replace("MC@K", f"MC@{k} (VinePPO)")
+        d, d_se = results.get("minus_grpo", {}).get(name, (float("nan"), float("nan")))
+        paired = "-" if math.isnan(d) or name == "GRPO" else f"{d:+.3f} ± {d_se:.3f}"
         lines.append(f"| {label} | {fmt(*m['number'][:2])} | {fmt(*m['other'][:2])} | {fmt(*m['all'][:2])} | "
-                     + (f"{paper[0]:.3f} / {paper[1]:.3f} |" if paper else "- |"))
+                     f"{paired} | " + (f"{paper[0]:.3f} / {paper[1]:.3f} |" if paper else "- |"))
     lines += ["", "By difficulty tier (pass rate of the G responses):", "",
               "| estimator | " + " | ".join(f"{x} (n={t[x]})" for x in TIERS) + " |", "|---" * (len(TIERS) + 1) + "|"]
     for name, m in results["mae_by_tier"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(*m[x][:2]) for x in TIERS) + " |")
+        lines.append(f"| {name.replace('MC@K', f'MC@{k}')} | " + " | ".join(fmt(*m[x][:2]) for x in TIERS) + " |")
     lines += ["", f"Sampling noise of the ground truth itself: mean sqrt(v(1-v)/n) = {results['truth_sampling_se']:.3f}."]
     for name, c in results["critic_collapse"].items():
         lines.append(f"Critic collapse, {name}: corr(critic, group mean) = {c['corr_with_group_mean']:.2f}, "

@@ -15,7 +15,8 @@ import sveb_eval
 from conftest import run_script
 from hista import hista_group_values
 from sveb_eval import (Args, choose_cut, correlation, critic_state_values, grpo_value, hista_value, mae_with_se,
-                       new_numbers, numca_value, pass_tier, problem_field, prm_state_values, tokens_before)
+                       new_numbers, numca_value, paired_difference, pass_tier, problem_field, prm_state_values,
+                       tokens_before)
 
 
 # ---- the cut ----
@@ -84,6 +85,13 @@ def test_mae_with_se_hand_worked_and_naive():
     var = sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)
     assert mae_with_se(est, tru)[:2] == pytest.approx((mean, math.sqrt(var / len(errs))))
     assert math.isnan(mae_with_se([], [])[0]) and math.isnan(mae_with_se([0.1], [0.3])[1])
+
+
+def test_paired_difference():
+    a, b = [0.3, 0.1, 0.5, 0.2], [0.1, 0.1, 0.2, 0.4]  # differences .2, 0, .3, -.2: mean .075
+    d = np.array([0.2, 0.0, 0.3, -0.2])
+    assert paired_difference(a, b) == pytest.approx((0.075, d.std(ddof=1) / 2))
+    assert math.isnan(paired_difference([0.1], [0.2])[1])
 
 
 def test_correlation():
