@@ -708,9 +708,6 @@ def evaluate(args: Args) -> dict:
     train = [r for r in records if r["kind"] == "train"]
     if not bench:
         raise SystemExit(f"error: {args.bench_file} holds no benchmark problem yet; run --stage build")
-    unknown = set(args.estimators) - set(ESTIMATORS)
-    if unknown:
-        raise SystemExit(f"error: unknown estimator(s) {sorted(unknown)}; choose from {list(ESTIMATORS)}")
     if not train and set(args.estimators) & {"PPO-1/lam1", "PPO-1/lam0.95", "PRIME"}:
         raise SystemExit("error: the file has no training problems for PPO-1 and PRIME; build with "
                          "--num-train-problems > 0 or leave those out of --estimators")
@@ -744,6 +741,13 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --num-train-problems must be >= 0")
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 (the states' values are those of the sampling policy)")
+    unknown = set(args.estimators) - set(ESTIMATORS)
+    if unknown:
+        raise SystemExit(f"error: unknown estimator(s) {sorted(unknown)}; choose from {list(ESTIMATORS)}")
+    trained = {"PPO-1/lam1", "PPO-1/lam0.95", "PRIME"} & set(args.estimators)
+    if args.stage == "all" and args.num_train_problems == 0 and trained:
+        raise SystemExit(f"error: {sorted(trained)} need training problems: --num-train-problems > 0, or leave them "
+                         "out of --estimators")
     if args.minibatch_size % args.micro_batch_size:
         raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide --minibatch-size "
                          f"{args.minibatch_size}")

@@ -302,3 +302,6 @@ def test_clear_errors(tmp_path):
     assert proc.returncode != 0 and "run the build stage first" in proc.stderr
     proc = run_script("sveb_eval.py", "--stage", "build", "--group-size", "0", "--output-dir", str(tmp_path))
     assert proc.returncode != 0 and "--group-size must be >= 1" in proc.stderr
+    proc = run_script("sveb_eval.py", "--estimators", "Numca", "Oracle", "--output-dir", str(tmp_path))
+    assert proc.returncode != 0 and "unknown estimator(s) ['Oracle']" in proc.stderr
+    assert not (tmp_path / "bench.jsonl").exists()  # refused before any build
