@@ -526,10 +526,13 @@ def build_chunk(chunk: list[tuple], generator, tokenizer, args: Args) -> list[di
 # ---------------------------------------------------------------------------------------------------------
 # Eval: every estimator on every state; tables, chart, JSON.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate_estimators(args: Args, config: dict, bench: list[dict], train: list[dict]) -> dict[str, list[float]]:
-    """{estimator: [value of each benchmark state]} for the estimators in args.estimators."""
+def evaluate_estimators(args: Args, config: dict, bench: list[dict],
+                        train: list[dict]) -> tuple[dict[str, list[float]], dict]:
+    """({estimator: [value of each benchmark state]} for the estimators in args.estimators, and what their
+    training reported: the critics' final value losses, the PRM's accuracy per step)."""
     wanted = set(args.estimators)
     estimates: dict[str, list[float]] = {}
+    training: dict = {}
     texts = lambda r: [x["text"] for x in r["responses"]]  # noqa: E731
     rewards = lambda r: [x["reward"] for x in r["responses"]]  # noqa: E731
     if "GRPO" in wanted:
@@ -542,7 +545,7 @@ def evaluate_estimators(args: Args, config: dict, bench: list[dict], train: list
                               for r in bench]
     needs_model = wanted & {"Hista", "PPO-1/lam1", "PPO-1/lam0.95", "PRIME"}
     if not needs_model:
-        return estimates
+        return estimates, training
 
     device = default_device() if args.device == "auto" else args.device
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
@@ -578,6 +581,7 @@ def evaluate_estimators(args: Args, config: dict, bench: list[dict], train: list
                             policy.config.hidden_size).to(device)
         info = train_critic(critic, train_rows, lam, args, pad_id, autocast)
         estimates[name] = critic_state_values(critic, states, args, pad_id, autocast)
+        training[name] = info
         print(f"{name}: trained on {len(train_rows)} responses in {time.time() - t0:.0f} s, "
               f"final value loss {info['final_value_loss']:.4f}")
         del critic
@@ -590,9 +594,9 @@ def evaluate_estimators(args: Args, config: dict, bench: list[dict], train: list
         acc = info["prm_accuracy_per_step"]
         print(f"PRIME: PRM trained on {len(train_rows)} responses in {time.time() - t0:.0f} s; accuracy before each "
               f"step's update: {' '.join(f'{a:.2f}' for a in acc)}")
-        estimates["_prm_accuracy_per_step"] = acc  # reported, not an estimator
+        training["PRIME"] = info
         del prm
-    return estimates
+    return estimates, training
 
 
 def fmt(mae: float, se: float) -> str:
@@ -641,8 +645,6 @@ def summarise(bench: list[dict], estimates: dict[str, list[float]], args: Args) 
     results["per_problem"] = [{"index": r["index"], "field": f, "tier": t, "truth": r["truth"],
                                **{name: estimates[name][i] for name in names}}
                               for i, (r, f, t) in enumerate(zip(bench, fields, tiers))]
-    if "_prm_accuracy_per_step" in estimates:
-        results["prm_accuracy_per_step"] = estimates["_prm_accuracy_per_step"]
     return results
 
 
@@ -712,8 +714,9 @@ def evaluate(args: Args) -> dict:
         raise SystemExit("error: the file has no training problems for PPO-1 and PRIME; build with "
                          "--num-train-problems > 0 or leave those out of --estimators")
     t0 = time.time()
-    estimates = evaluate_estimators(args, config, bench, train)
+    estimates, training = evaluate_estimators(args, config, bench, train)
     results = summarise(bench, estimates, args)
+    results["training"] = training
     results["config"] = config
     results["eval_seconds"] = time.time() - t0
     os.makedirs(args.output_dir, exist_ok=True)
