@@ -13,6 +13,19 @@ Choices (shared/docs/ALGORITHMS.md section 1 gives the options):
 - GAE with gamma = 1 and lambda = 1 (VinePPO's PPO runs); `--lam 0.95` gives TRL's setting.
 - Defaults are sized for the offline CPU run (8 prompts x 4 samples, lr 1e-5, 128 new tokens); the
   paper's scale (64 x 8, lr 1e-6, T = 0.6, top-p 0.9) is a matter of flags on a GPU.
+- Optimizer as VinePPO's code: AdamW with eps 1e-8 and no weight decay, 3% linear warm-up, then linear
+  decay over the optimizer steps of --num-steps (flags: --adam-eps, --weight-decay, --warmup-ratio,
+  --lr-decay). The critic uses the same settings with its own learning rate.
+- KL and ratio safety as VinePPO's code: per-token k3 clamped to [0, 10]; log-ratios masked before any
+  exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped and counted (losses/skipped).
+- Batch invariance: each step's micro-batch partition is drawn once; the old, reference and critic passes
+  and every epoch of the update run exactly those micro-batches (epochs shuffle their order), so at
+  unchanged weights the update's log-probs equal the old ones bit for bit and clipfrac / approx_kl /
+  kl_ref_k3 measure only the update. The price: the no-grad passes use the update's micro-batch size.
+- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
+  autograd); the policy's graph is freed before the critic's forward; gradient checkpointing on CUDA by
+  default; the frozen reference in bfloat16 on CUDA (on the CPU it stays float32 so that it reproduces
+  the policy's log-probs exactly at step 0).
 - The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
   sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
 
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -35,6 +49,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -66,8 +81,8 @@ class Args:
     """cpu, cuda, or auto (cuda when available)"""
     bf16: bool = True
     """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy and critic"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 8
     """prompts per iteration"""
     samples_per_prompt: int = 4
@@ -88,6 +103,15 @@ class Args:
     """sequences per generate call of the hf backend"""
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (VinePPO's code; 1e-5, CleanRL's Atari value, shrinks an LLM's tiny per-parameter steps)"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (VinePPO's code: 0)"""
+    warmup_ratio: float = 0.03
+    """share of the run's optimizer steps (over --num-steps) with a linear learning-rate warm-up from 0"""
+    lr_decay: Literal["linear", "constant"] = "linear"
+    """after the warm-up: linear decay towards 0 at --num-steps (VinePPO's code), or constant. With
+    --max-minutes the schedule still spans --num-steps: a run stopped early ends above 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_train_problems: int = 10_000
@@ -108,6 +132,10 @@ class Args:
     """wandb project name (with --track)"""
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
+    vllm_max_model_len: int | None = None
+    """vLLM's context length in tokens (None: the model's own limit)"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 
     # ---- algorithm specific arguments ----
     critic_learning_rate: float = 1e-5
@@ -121,7 +149,9 @@ class Args:
     value_clip: float = 0.2
     """clip of the new value around the old one in the value loss"""
     kl_coef: float = 1e-4
-    """coefficient of the k3 KL to the reference in the loss (summed per sequence)"""
+    """coefficient of the k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence)"""
+    max_ratio: float = 10.0
+    """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
     whiten_advantages: bool = True
     """normalise advantages over the batch's response tokens"""
 
@@ -186,22 +216,37 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float("nan") if var < 1e-8 else float(1 - torch.var(target - predicted) / var)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
+    to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
+    a padded position's log-prob can be below -88, whose exp overflows float32 and turns 0 * inf into NaN."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new))."""
-    log_ratio = logprobs - old_logprobs
+    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
+    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """Learning-rate factor of optimizer step `opt_step` (0-based) out of `total_steps`: a linear warm-up
+    1/w, 2/w, ..., 1 over the first w = ceil(warmup_ratio * total_steps) steps, then constant, or a linear
+    decay (total - s) / (total - w) towards 0 (VinePPO's DeepSpeed WarmupDecayLR)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if opt_step < warmup:
+        return (opt_step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - opt_step) / max(1, total_steps - warmup))
 
 
 def ppo_value_loss(values, old_values, returns, mask, value_clip: float):
@@ -266,21 +311,42 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return Batch(input_ids, attention_mask, position_ids, response_mask, P)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
-    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
+
+    Memory-lean: the model computes logits only at the T positions that predict response tokens
+    (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
+    chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
+    gradient) is computed from the same chunks."""
     dev = model.device
-    logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
     T = batch.response_mask.shape[1]
-    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
-    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
+    logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                   position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V) in the compute dtype (bf16 under autocast)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        part, tgt = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, part, tgt, temperature, use_reentrant=False))
+        else:
+            pieces.append(token_logprobs(part, tgt, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.float() / temperature, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
     if not with_entropy:
-        return token_logprobs
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
-    return token_logprobs, entropy
+        return out
+    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
 
 
 def critic_values(critic: Critic, batch: Batch) -> torch.Tensor:
@@ -291,11 +357,14 @@ def critic_values(critic: Critic, batch: Batch) -> torch.Tensor:
     return values[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].cpu()
 
 
-def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
-    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
-    T = batch.response_mask.shape[1]
-    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
-    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
+    """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
+    put back at their rows; 0 past each micro-batch's own longest response."""
+    out = torch.zeros(batch.response_mask.shape)
+    for rows in micro_batches:
+        result = fn(batch.rows(rows))
+        out[rows, : result.shape[1]] = result.float()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,18 +419,33 @@ def main(args: Args) -> None:
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
+    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
+    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
-    reference = load_model(args.model, device=device).eval().requires_grad_(False)
-    critic = Critic(load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
+    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False)
+    critic = Critic(load_model(args.model, device=device, gradient_checkpointing=checkpointing)
                     .get_decoder(), policy.config.hidden_size).to(device)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
+    # AdamW as VinePPO's code sets it (eps 1e-8, no weight decay), warm-up then linear decay over the run's
+    # optimizer steps: num_steps x num_epochs x minibatches per batch.
+    total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
+    schedule = lambda s: lr_multiplier(s, total_opt_steps, args.warmup_ratio, args.lr_decay)  # noqa: E731
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, schedule)
     generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                                batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed)
+                               seed=args.seed, max_model_len=args.vllm_max_model_len,
+                               enforce_eager=args.vllm_enforce_eager)
 
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -407,49 +491,61 @@ def main(args: Args) -> None:
         rewards = place_rewards(scores, lengths, mask.shape[1])  # (B, T)
 
         # 2.3 PPO's own part: old log-probs, reference log-probs, critic values, GAE advantages.
+        # The micro-batches are fixed once per step: these no-grad passes and every epoch of the update see
+        # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
+        # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
+        generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
+        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
             old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
+                                            micro_batches) * mask  # (B, T)
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
+                                            micro_batches) * mask  # (B, T)
         t_ref = time.time() - t0
         t0 = time.time()
         with torch.no_grad(), autocast():
             critic.eval()
-            old_values = in_micro_batches(lambda b: critic_values(critic, b), batch, args.micro_batch_size) * mask
+            old_values = in_micro_batches(lambda b: critic_values(critic, b), batch, micro_batches) * mask
         t_critic = time.time() - t0
         advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, T) each
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
+        # partition, in a new random order every epoch, with gradients accumulated over them.
         t0 = time.time()
         policy.train()
         critic.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
         accumulation = args.minibatch_size // args.micro_batch_size
+        skipped = 0
+        lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
-            order = torch.randperm(args.batch_size)
-            for mb_start in range(0, args.batch_size, args.minibatch_size):
-                mb = order[mb_start : mb_start + args.minibatch_size]
-                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
-                for micro in mb.split(args.micro_batch_size):
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
-                                                                       m, args.clip_eps)
-                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean()  # summed per sequence
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
+                                                                              cut(advantages), m, args.clip_eps)
+                        kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean()  # summed per sequence
+                    if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
+                        skipped += 1
+                        continue
+                    # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
+                    # over sequences, takes each micro-batch's share 1 / accumulation. The policy's graph is
+                    # freed by its backward before the critic's forward, so the two never coexist.
+                    (pg_loss * weight + args.kl_coef * kl / accumulation).backward()
+                    with autocast():
                         values = critic_values(critic, sub)
                         v_loss = ppo_value_loss(values, cut(old_values), cut(returns), m, args.value_clip)
-                    # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
-                    # over sequences, takes each micro-batch's share 1 / accumulation.
-                    (pg_loss * weight + args.kl_coef * kl / accumulation + v_loss * weight).backward()
+                    (v_loss * weight).backward()
                     for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clipfrac", clipfrac),
                                  ("approx_kl", approx_kl), ("entropy", masked_mean(entropy, m)), ("kl_k3", kl)):
                         stats[k].append(float(v.detach()))
@@ -457,6 +553,8 @@ def main(args: Args) -> None:
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                 policy_opt.step()
                 critic_opt.step()
+                policy_sched.step()
+                critic_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
         generator.sync_weights(policy)
@@ -469,11 +567,11 @@ def main(args: Args) -> None:
         logs = {
             "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
             "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
-            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "charts/step_time": step_time, "charts/learning_rate": lr,
             "losses/policy_loss": np.mean(stats["policy_loss"]), "losses/value_loss": np.mean(stats["value_loss"]),
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
-            "losses/kl_ref_k1": kl_k1, "losses/explained_variance": explained_var,
+            "losses/kl_ref_k1": kl_k1, "losses/explained_variance": explained_var, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/critic": t_critic, "time/update": t_update,
         }
         for k, v in logs.items():

@@ -34,14 +34,14 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
                           timeout=timeout)
 
 
-def run_tiny(script: str, tmp_path: Path, *args: str) -> tuple[Path, list[dict]]:
-    """Run `script` end to end on the tiny model; check it succeeded, wrote a final model and finite losses.
-    Returns the run folder and the per-step training records of its metrics.jsonl."""
+def run_tiny(script: str, tmp_path: Path, *args: str, save_model: bool = True) -> tuple[Path, list[dict]]:
+    """Run `script` end to end on the tiny model; check it succeeded, wrote a final model (unless the run says
+    --no-save-model) and finite losses. Returns the run folder and the records of its metrics.jsonl."""
     proc = run_script(script, "--model", "tiny-random", "--output-dir", str(tmp_path), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "losses/policy_loss" in r]
     assert train and all(math.isfinite(r["losses/policy_loss"]) for r in train)
-    assert (run_dir / "final_model" / "config.json").exists()
+    assert (run_dir / "final_model" / "config.json").exists() == save_model
     return run_dir, records

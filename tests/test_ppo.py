@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import run_script, run_tiny
-from ppo import (compute_gae, kl_k3, make_batch, masked_whiten, outcome_rewards, place_rewards, ppo_policy_loss,
-                 ppo_value_loss, response_logprobs)
+from ppo import (compute_gae, kl_k3, lr_multiplier, make_batch, masked_whiten, outcome_rewards, place_rewards,
+                 ppo_policy_loss, ppo_value_loss, response_logprobs)
 
 
 def gae_loop(rewards, values, lengths, gamma, lam):
@@ -75,22 +75,49 @@ def test_reward_on_eos_token_and_truncation():
 
 def test_kl_k3():
     lp = torch.tensor([-1.0, -2.0, -0.5])
-    assert torch.allclose(kl_k3(lp, lp), torch.zeros(3))
+    ones = torch.ones(3)
+    assert torch.allclose(kl_k3(lp, lp, ones), torch.zeros(3))
     ref = torch.tensor([-1.5, -1.0, -0.5])
     r = ref - lp
-    assert torch.allclose(kl_k3(lp, ref), torch.exp(r) - r - 1)
-    assert (kl_k3(lp, ref) >= 0).all()
+    assert torch.allclose(kl_k3(lp, ref, ones), torch.exp(r) - r - 1)
+    assert (kl_k3(lp, ref, ones) >= 0).all()
+    # Clamped at 10 per token (exp(4) - 4 - 1 = 49.6), and 0 outside the mask.
+    assert kl_k3(torch.tensor([-4.0]), torch.tensor([0.0]), torch.ones(1)).item() == 10.0
+    assert kl_k3(lp, ref, torch.tensor([1.0, 0.0, 1.0]))[1].item() == 0.0
+
+
+def test_padded_logprob_below_minus_88_gives_no_nan():
+    """A padded position whose log-prob is -95 (at T = 0.6 a pad token can be that unlikely): exp(95)
+    overflows float32. Masking after the exp gave 0 * inf = NaN gradients; masking before gives none."""
+    logprobs = torch.tensor([[-1.0, -95.0]], requires_grad=True)
+    old, ref, adv = torch.tensor([[-1.1, 0.0]]), torch.tensor([[-0.9, 0.0]]), torch.tensor([[0.5, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, _, _, ratio = ppo_policy_loss(logprobs, old, adv, mask, 0.2)
+    (loss + kl_k3(logprobs, ref, mask).sum()).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0
+    assert ratio.item() == pytest.approx(math.exp(0.1), rel=1e-5)  # the mean ratio over real tokens only
+
+
+def test_lr_multiplier_warmup_then_linear_decay():
+    # 100 optimizer steps, 3% warm-up: 3 steps at 1/3, 2/3, 1, then (100 - s) / 97 down to 1/97.
+    f = [lr_multiplier(s, 100, 0.03, "linear") for s in range(100)]
+    assert f[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 97 / 97])
+    assert f[50] == pytest.approx(50 / 97) and f[99] == pytest.approx(1 / 97)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))  # never increases after the warm-up
+    assert [lr_multiplier(s, 10, 0.25, "constant") for s in range(10)] == pytest.approx([1 / 3, 2 / 3] + [1.0] * 8)
+    assert [lr_multiplier(s, 4, 0.0, "linear") for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert lr_multiplier(12, 10, 0.0, "linear") == 0.0  # past the planned end (a resumed, longer run)
 
 
 def test_policy_loss_clipping():
     old = torch.zeros(1, 2)
     mask = torch.ones(1, 2)
     # ratio e^0.5 = 1.65 with positive advantage: clipped at 1.2, so the loss is -1.2 and clipfrac 1.
-    loss, clipfrac, _ = ppo_policy_loss(torch.full((1, 2), 0.5), old, torch.ones(1, 2), mask, 0.2)
+    loss, clipfrac, _, ratio = ppo_policy_loss(torch.full((1, 2), 0.5), old, torch.ones(1, 2), mask, 0.2)
     assert loss.item() == pytest.approx(-1.2)
-    assert clipfrac.item() == 1.0
+    assert clipfrac.item() == 1.0 and ratio.item() == pytest.approx(math.exp(0.5))
     # Same ratio, negative advantage: the unclipped term is the max, -(-1) * 1.65.
-    loss, clipfrac, _ = ppo_policy_loss(torch.full((1, 2), 0.5), old, -torch.ones(1, 2), mask, 0.2)
+    loss, clipfrac, _, _ = ppo_policy_loss(torch.full((1, 2), 0.5), old, -torch.ones(1, 2), mask, 0.2)
     assert loss.item() == pytest.approx(math.exp(0.5), rel=1e-5)
     assert clipfrac.item() == 0.0
 
@@ -114,6 +141,40 @@ def test_batch_logprobs_match_unpadded(tiny_model, tokenizer):
             alone = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None])
             assert torch.allclose(lp[i, : len(r)], alone.squeeze(-1), atol=1e-4)
     assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def full_vocab_logprobs(model, batch, temperature):
+    """The pre-chunking formula: logits at every position, one float32 log-softmax over all of them."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    T = batch.response_mask.shape[1]
+    logp = torch.log_softmax(logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature, -1)
+    return logp.gather(-1, batch.input_ids[:, batch.prompt_width :, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def test_chunked_logprobs_match_the_full_softmax(tiny_model, tokenizer):
+    """Chunked, checkpointed log-probs: the old full-vocabulary values (fp32 exactly, bf16 within rounding),
+    the same entropy, the same values for any chunk size, and the same gradient."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 2, 7)]
+    responses = [torch.randint(3, 1000, (n,)).tolist() for n in (4, 9, 1)]
+    batch = make_batch(prompts, responses, tokenizer.pad_token_id)
+    m = batch.response_mask
+    with torch.no_grad():
+        lp, ent = response_logprobs(tiny_model, batch, 0.6, with_entropy=True)
+        want_lp, want_ent = full_vocab_logprobs(tiny_model, batch, 0.6)
+        assert torch.allclose(lp * m, want_lp * m, atol=1e-5) and torch.allclose(ent * m, want_ent * m, atol=1e-4)
+        assert torch.equal(response_logprobs(tiny_model, batch, 0.6, chunk=5), lp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp16 = response_logprobs(tiny_model, batch, 0.6)
+            want16, _ = full_vocab_logprobs(tiny_model, batch, 0.6)
+        assert (lp16 - want16).mul(m).abs().max() < 0.05
+    grads = []
+    for fn in (lambda: response_logprobs(tiny_model, batch, 0.6, chunk=4), lambda: full_vocab_logprobs(tiny_model, batch, 0.6)[0]):
+        tiny_model.zero_grad()
+        (fn() * m).sum().backward()
+        grads.append(tiny_model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    tiny_model.zero_grad()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
 TINY_RUN = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
