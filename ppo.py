@@ -57,7 +57,8 @@ from tqdm import tqdm
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
+                           resolve_model_path)
 
 
 @dataclass
@@ -317,14 +318,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 256):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
 
     Memory-lean: the model computes logits only at the T positions that predict response tokens
     (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
     chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
-    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
-    gradient) is computed from the same chunks."""
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB, one 256-position chunk 0.15 GiB.
+    The entropy (a statistic, no gradient) is computed from the same chunks."""
     dev = model.device
     T = batch.response_mask.shape[1]
     # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
@@ -399,6 +400,8 @@ def check_args(args: Args) -> None:
         args.max_new_tokens = 128 if generated else 512
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -424,6 +427,10 @@ def main(args: Args) -> None:
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    check_memory(args.model, device, trainable=2, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
+                 vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)

@@ -157,3 +157,71 @@ def load_model(
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_shape(name: str) -> dict:
+    """Parameter count and the shapes that size activations, read from the config alone: the model is built on
+    the meta device, so nothing is allocated and no weight is read."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the config of {name!r} ({str(e).splitlines()[0]}); "
+                             "check the name, or pass a local folder") from None
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    text = config.get_text_config()
+    return {"params": params, "hidden": text.hidden_size, "intermediate": text.intermediate_size,
+            "layers": text.num_hidden_layers, "vocab": text.vocab_size}
+
+
+def training_memory_gib(shape: dict, trainable: int, frozen: int, frozen_bytes: int, sampler_bytes: int,
+                        micro_batch: int, seq_len: int, response_len: int, checkpointing: bool) -> dict[str, float]:
+    """Estimated peak memory of one training process, by part, in GiB (a planning figure, not a bound).
+
+    - `trainable` models: 16 bytes per parameter (float32 weights, gradients, AdamW's two moments);
+    - `frozen` models (the reference): `frozen_bytes` per parameter (2 in bfloat16, 4 in float32);
+    - the sampler: `sampler_bytes` per parameter (the hf backend's bfloat16 copy: 2; vLLM: its reserve, apart);
+    - activations of one update micro-batch under bfloat16 autocast: per token and layer about
+      30 x hidden + 10 x intermediate bytes (float32 residual stream, bf16 projections and MLP; within ~15% of
+      benchmarks/memory.py's measurements), of which gradient checkpointing keeps only the 4 x hidden layer
+      inputs plus one layer's worth; and the bf16 logits at response positions (2 x vocab bytes per token).
+    """
+    gib = 2**30
+    tokens = micro_batch * seq_len
+    per_layer = 30 * shape["hidden"] + 10 * shape["intermediate"]
+    layers = 4 * shape["hidden"] * shape["layers"] + per_layer if checkpointing else per_layer * shape["layers"]
+    return {
+        "trainable": trainable * 16 * shape["params"] / gib,
+        "frozen": frozen * frozen_bytes * shape["params"] / gib,
+        "sampler": sampler_bytes * shape["params"] / gib,
+        "activations": (tokens * layers + micro_batch * response_len * 2 * shape["vocab"]) / gib,
+    }
+
+
+def check_memory(name: str, device: str, *, trainable: int, frozen: int, frozen_dtype: str, backend: str,
+                 vllm_share: float, micro_batch: int, max_new_tokens: int, checkpointing: bool,
+                 prompt_len: int = 256) -> None:
+    """Refuse, before any weight is loaded, a run whose estimated memory exceeds the device's total
+    (for example full fine-tuning of a 7B model with a critic on one 80 GB GPU), with a one-line error that
+    says what to change. Prompts are assumed to be `prompt_len` tokens long."""
+    shape = model_shape(name)
+    parts = training_memory_gib(shape, trainable, frozen, 2 if frozen_dtype == "bfloat16" else 4,
+                                2 if backend == "hf" else 0, micro_batch, prompt_len + max_new_tokens,
+                                max_new_tokens, checkpointing)
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+        if backend == "vllm":
+            parts["vllm"] = vllm_share * total
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    need = sum(parts.values())
+    if need > total:
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v >= 0.05)
+        hint = "lower --micro-batch-size or --max-new-tokens"
+        if not checkpointing:
+            hint += ", use --gradient-checkpointing on"
+        raise ModelLoadError(f"this run needs about {need:.0f} GiB ({detail}) but {device} has {total:.0f} GiB: "
+                             f"{hint}, or choose a smaller model ({shape['params'] / 1e9:.2f}B parameters here)")

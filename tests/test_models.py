@@ -22,3 +22,43 @@ def test_tiny_model_is_deterministic_and_padded(tiny_model, tokenizer):
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     assert tiny_model.config.num_hidden_layers == 2
     assert tiny_model.config.vocab_size == len(tokenizer)
+
+
+def test_model_shape_reads_the_config_only(tmp_path):
+    """A folder with nothing but a 7B config.json: the parameter count comes from the meta device."""
+    from transformers import Qwen2Config
+
+    from common.models import model_shape
+
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(tmp_path)
+    shape = model_shape(str(tmp_path))
+    assert 7.5e9 < shape["params"] < 7.7e9  # Qwen2.5-7B: 7.62B
+    assert (shape["hidden"], shape["layers"], shape["vocab"]) == (3584, 28, 152064)
+
+
+def test_training_memory_hand_worked():
+    from common.models import training_memory_gib
+
+    shape = {"params": 2**30, "hidden": 100, "intermediate": 300, "layers": 10, "vocab": 1000}
+    parts = training_memory_gib(shape, trainable=2, frozen=1, frozen_bytes=2, sampler_bytes=2, micro_batch=4,
+                                seq_len=2**10, response_len=2**8, checkpointing=False)
+    assert parts["trainable"] == 32 and parts["frozen"] == 2 and parts["sampler"] == 2
+    # 4 x 1,024 tokens x 10 layers x (30 x 100 + 10 x 300) bytes + 4 x 256 x 2 x 1,000 bytes of logits
+    assert parts["activations"] == pytest.approx((4 * 1024 * 10 * 6000 + 4 * 256 * 2000) / 2**30)
+    ckpt = training_memory_gib(shape, 2, 1, 2, 2, 4, 2**10, 2**8, checkpointing=True)["activations"]
+    assert ckpt == pytest.approx((4 * 1024 * (4 * 100 * 10 + 6000) + 4 * 256 * 2000) / 2**30)
+
+
+def test_check_memory_refuses_what_cannot_fit(tmp_path):
+    from transformers import Qwen2Config
+
+    from common.models import check_memory
+
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064).save_pretrained(tmp_path)
+    settings = dict(frozen=1, frozen_dtype="bfloat16", backend="hf", vllm_share=0.3, micro_batch=8,
+                    max_new_tokens=1024, checkpointing=True)
+    with pytest.raises(ModelLoadError, match=r"needs about \d+ GiB .* lower --micro-batch-size"):
+        check_memory(str(tmp_path), "cpu", trainable=2, **settings)  # 7.6B x 2 x 16 bytes: ~230 GiB
+    check_memory("tiny-random", "cpu", trainable=2, **settings)  # fits: no error
