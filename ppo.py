@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
@@ -127,6 +129,12 @@ class Args:
     """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); Ctrl-C writes one after the current step, then exits"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: str | None = None
+    """continue the run in this folder from its newest checkpoint, with the arguments it was started with"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "llm-rl-reference"
@@ -414,6 +422,8 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
+        args = Args(**{**saved_args(args.resume), "resume": args.resume})
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -454,16 +464,49 @@ def main(args: Args) -> None:
                                seed=args.seed, max_model_len=args.vllm_max_model_len,
                                enforce_eager=args.vllm_enforce_eager)
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
+        state = load_checkpoint(checkpoint)
+        for obj, key in ((policy, "policy"), (critic, "critic")):
+            obj.load_state_dict(state["models"][key])
+        for obj, key in ((policy_opt, "policy"), (critic_opt, "critic")):
+            obj.load_state_dict(state["optimizers"][key])
+        for obj, key in ((policy_sched, "policy"), (critic_sched, "critic")):
+            obj.load_state_dict(state["schedulers"][key])
+        generator.sync_weights(policy)
+        os.truncate(metrics_path, state["metrics_bytes"])
+        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
+        tqdm.write(f"resuming {run_dir} after step {state['step']}")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
+    if not args.resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time()
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
+                   resume="allow" if args.resume else None)
+    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time() - elapsed
+    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def run_eval(step: int) -> float:
         acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
@@ -472,9 +515,12 @@ def main(args: Args) -> None:
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
         return acc
 
-    eval_acc = run_eval(0)
-    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    if not args.resume:
+        eval_acc = run_eval(0)
+        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    else:
+        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
+    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
@@ -590,6 +636,19 @@ def main(args: Args) -> None:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
         progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if stop["requested"] or (args.save_every and step % args.save_every == 0):
+            history.flush()
+            save_checkpoint(run_dir, step, {
+                "models": {"policy": policy.state_dict(), "critic": critic.state_dict()},
+                "optimizers": {"policy": policy_opt.state_dict(), "critic": critic_opt.state_dict()},
+                "schedulers": {"policy": policy_sched.state_dict(), "critic": critic_sched.state_dict()},
+                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
+                "eval_acc": eval_acc}, keep=args.keep_checkpoints)
+        if stop["requested"]:
+            tqdm.write(f"stopped after step {step}; continue with: python ppo.py --resume {run_dir}")
+            history.close()
+            writer.close()
+            return
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

@@ -1,13 +1,24 @@
 """Properties every trainer shares, checked on each script end to end on the tiny model.
 
+- Checkpoints: a run killed with SIGKILL after its first checkpoint and resumed with --resume ends with the
+  same per-step metrics as a run that never stopped; Ctrl-C writes a checkpoint and says how to resume.
 - Batch invariance: with every learning rate at 0 the weights never change, so the update's log-probs must
   equal the old and reference log-probs computed before it: approx KL, clip fraction and the k3 KL to the
   reference are exactly 0 (they were 1e-3 to 5e-2 when the update re-batched the rows differently).
 """
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from conftest import run_tiny
+from common.checkpoint import latest_checkpoint
+from conftest import ROOT, run_script, run_tiny
 
 # Script -> the flags that set every learning rate of that script to 0.
 FROZEN = {
@@ -31,3 +42,67 @@ def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
         for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):
             if key in r:
                 assert r[key] == 0.0, (key, r[key])  # exactly: the same arithmetic on the same weights
+
+
+# ---- Checkpoints: a run killed at any point and resumed ends with the metrics of a run never stopped ----
+RESUMABLE = ["ppo.py"]
+SHORT_RUN = ["--model", "tiny-random", "--num-steps", "3", "--num-prompts", "2", "--samples-per-prompt", "2",
+             "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
+             "--eval-every", "2", "--no-save-model", "--save-every", "1"]
+TIMING = ("wall_s", "charts/step_time")
+
+
+def comparable(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (they differ from run to run by nature)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")} for r in records]
+
+
+def start(script: str, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, script, *SHORT_RUN, "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not list(root.glob(path_glob)):
+        assert proc.poll() is None, f"the run ended before {path_glob} appeared: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {path_glob} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("script", RESUMABLE)
+def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
+    reference = start(script, tmp_path / "reference")
+    assert reference.wait() == 0, reference.stderr.read()[-3000:]
+    (ref_dir,) = (tmp_path / "reference").iterdir()
+    assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # keep 2
+
+    # SIGKILL once the first checkpoint exists: mid-step 2, or while writing its checkpoint.
+    killed = start(script, tmp_path / "killed")
+    wait_for("*/checkpoints/step_000001/state.pt", tmp_path / "killed", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    proc = run_script(script, "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert comparable(run_dir) == comparable(ref_dir)
+
+
+@pytest.mark.parametrize("script", RESUMABLE)
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(script, tmp_path):
+    proc = start(script, tmp_path)
+    wait_for("*/metrics.jsonl", tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert f"--resume {run_dir}" in out and latest_checkpoint(str(run_dir)) is not None
+
+
+@pytest.mark.parametrize("script", RESUMABLE)
+def test_resume_without_a_checkpoint_is_one_line(script, tmp_path):
+    proc = run_script(script, "--resume", str(tmp_path))
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" not in proc.stderr
