@@ -55,6 +55,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.args import check_ranges
 from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
@@ -395,7 +396,16 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject inconsistent batch sizes before anything is loaded or written."""
+    """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
+                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
+                 "keep_checkpoints", "vllm_max_model_len"],
+        ">= 0": ["learning_rate", "critic_learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps", "value_clip", "max_ratio"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
+        "in [0, 1]": ["warmup_ratio", "gamma", "lam"],
+    })
     args.batch_size = args.num_prompts * args.samples_per_prompt
     if args.batch_size % args.minibatch_size:
         raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
@@ -406,8 +416,6 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:

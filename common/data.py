@@ -25,6 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from common import first_line
 from common.grading import last_boxed
 
 DEFAULT_DATASET = "arithmetic"
@@ -84,7 +85,7 @@ def _reasoning_gym(task: str, settings: dict, split: str, size: int, seed: int) 
         try:
             ds = reasoning_gym.create_dataset(task, size=n, seed=s, **settings)
         except Exception as e:  # unknown task or setting: reasoning-gym's own message, on one line
-            raise DataError(f"reasoning-gym cannot make {task!r} with {settings}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"reasoning-gym cannot make {task!r} with {settings}: {first_line(e)}") from None
         return [Problem(x["question"], str(x["answer"])) for x in ds]
 
     # The test set is the same for every run seed and train size: 500 distinct problems from a fixed seed.
@@ -131,7 +132,7 @@ def _local_file(path: str, split: str) -> list[Problem]:
     try:
         rows = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
     problems = _rows_to_problems(rows, path)
     return [p for p in problems if _in_test(p.question) == (split == "test")]
 
@@ -144,7 +145,7 @@ def _hub(name: str, split: str) -> list[Problem]:
         try:
             rows = datasets.load_dataset(hub_id, config, split=hub_split)
         except Exception as e:
-            raise DataError(f"cannot load {hub_id} from the Hugging Face hub ({str(e).splitlines()[0][:120]}); "
+            raise DataError(f"cannot load {hub_id} from the Hugging Face hub ({first_line(e)[:120]}); "
                             "without network, pass a local .jsonl/.parquet file to --dataset") from None
         return _rows_to_problems(rows, hub_id)
 
@@ -168,6 +169,8 @@ def load_problems(dataset: str, split: str, size: int | None = None, seed: int =
     elif dataset.endswith((".jsonl", ".json", ".parquet")):
         if not os.path.exists(dataset):
             raise DataError(f"dataset file {dataset} does not exist")
+        if os.path.getsize(dataset) == 0:
+            raise DataError(f"dataset file {dataset} is empty: it needs rows with question and answer fields")
         problems = _local_file(dataset, split)
     elif dataset in _HUB:
         problems = _hub(dataset, split)

@@ -19,9 +19,14 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub.utils import logging as hf_hub_logging
 from transformers.utils import logging as hf_logging
 
+from common import first_line
+
 hf_logging.disable_progress_bar()  # one bar per weight file is noise in a training log
+# The hub client logs every failed request and retry (long HEAD lines) before the one-line error we raise.
+hf_hub_logging.set_verbosity_error()
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
@@ -121,7 +126,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r} ({str(e).splitlines()[0]}); "
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} ({first_line(e)}); "
                              "check the name, or pass a local folder") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -144,7 +149,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:
-        raise ModelLoadError(f"cannot load model {name!r} ({str(e).splitlines()[0]}); "
+        raise ModelLoadError(f"cannot load model {name!r} ({first_line(e)}); "
                              "check the name, or pass a local folder") from None
     model.to(device)
     if model.generation_config.pad_token_id is None:
@@ -168,7 +173,7 @@ def model_shape(name: str) -> dict:
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
-        raise ModelLoadError(f"cannot read the config of {name!r} ({str(e).splitlines()[0]}); "
+        raise ModelLoadError(f"cannot read the config of {name!r} ({first_line(e)}); "
                              "check the name, or pass a local folder") from None
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())

@@ -2,11 +2,14 @@
 
 - Checkpoints: a run killed with SIGKILL after its first checkpoint and resumed with --resume ends with the
   same per-step metrics as a run that never stopped; Ctrl-C writes a checkpoint and says how to resume.
+- Bad input: every out-of-range numeric flag, a missing or empty file, an unknown dataset, CUDA without a
+  GPU: one line starting with "error:", a non-zero exit, no run folder.
 - Batch invariance: with every learning rate at 0 the weights never change, so the update's log-probs must
   equal the old and reference log-probs computed before it: approx KL, clip fraction and the k3 KL to the
   reference are exactly 0 (they were 1e-3 to 5e-2 when the update re-batched the rows differently).
 """
 
+import importlib
 import json
 import os
 import signal
@@ -16,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import tyro
 
 from common.checkpoint import latest_checkpoint
 from conftest import ROOT, run_script, run_tiny
@@ -106,3 +111,72 @@ def test_resume_without_a_checkpoint_is_one_line(script, tmp_path):
     proc = run_script(script, "--resume", str(tmp_path))
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in proc.stderr
+
+
+# ---- Bad input: one line that starts with "error:", a non-zero exit, nothing written ----
+TRAINERS = ["ppo.py"]
+TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+        "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12"]
+
+# Out-of-range numbers are refused by check_args before anything is loaded: checked in-process (fast).
+OUT_OF_RANGE = [
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--samples-per-prompt", "0"], "--samples-per-prompt must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--num-steps", "-1"], "--num-steps must be >= 1"),
+    (["--num-epochs", "0"], "--num-epochs must be >= 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--learning-rate", "nan"], "--learning-rate is NaN"),
+    (["--learning-rate", "-1e-5"], "--learning-rate must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1]"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0"),
+    (["--max-minutes", "-3"], "--max-minutes must be > 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
+    (["--minibatch-size", "3"], "must divide the batch"),
+    (["--micro-batch-size", "3", "--minibatch-size", "4"], "must divide --minibatch-size"),
+]
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+@pytest.mark.parametrize("argv,message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_out_of_range_flag_is_one_line(script, argv, message):
+    module = importlib.import_module(script[:-3])
+    args = tyro.cli(module.Args, args=TINY + argv)
+    with pytest.raises(SystemExit) as exc:
+        module.check_args(args)
+    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# Inputs found only when the data or the model is read: checked as a user sees them, in a subprocess.
+@pytest.fixture(scope="module")
+def empty_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "empty.jsonl"
+    path.write_text("")
+    return str(path)
+
+
+BAD_FILES = [
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--dataset", "nowhere.jsonl"], "does not exist"),
+    (["--dataset", "EMPTY"], "is empty"),
+    (["--dataset", "what"], "unknown dataset"),
+]
+if not torch.cuda.is_available():
+    BAD_FILES.append((["--device", "cuda"], "no CUDA device"))
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+@pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a) for a, _ in BAD_FILES])
+def test_bad_input_is_one_line_and_writes_nothing(script, argv, message, tmp_path, empty_jsonl):
+    out = tmp_path / "runs"
+    argv = [empty_jsonl if a == "EMPTY" else a for a in argv]
+    proc = run_script(script, *TINY, "--output-dir", str(out), *argv)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
