@@ -9,13 +9,40 @@ V(s_{i+1}) - V(s_i), the last step's is R - V(s_last); every token takes its ste
 is ppo.py: whitened advantages, clipped surrogate, k3 KL to the reference in the loss. `diff ppo.py
 vineppo.py` shows the idea and little else.
 
-Departures from the paper (shared/docs/ALGORITHMS.md section 2):
+Departures from the paper and its code (shared/docs/ALGORITHMS.md section 2):
 - Defaults sized for the offline CPU run, as in ppo.py (8 prompts x 4 samples, lr 1e-5, 128 new tokens).
   K = 9 as in the paper's main runs: on the CPU this makes the continuations most of the step's time.
+- Top-p 1.0 by default (the paper samples with 0.9): the log-probs of the ratio use the full softmax, so
+  top-p < 1 makes the update slightly off-policy; `--top-p 0.9` gives the paper's sampler.
+- Estimated states: the prompt + 25 step boundaries for the newline (GSM8K) style, as VinePPO's GSM8K
+  configs; every boundary for the math style, as its MATH configs (--max-estimated-steps). States past
+  the cap take V = R, so their steps get advantage 0.
 - A continuation may use only the response budget left after its prefix (max_new_tokens minus the
   prefix length); one that runs past it is truncated and scores 0, as the original response would.
 - A token that straddles a step boundary belongs to the step in which it ends: the state "after step i"
   must be a token prefix, and the prefix that stops before that token is the one the policy sampled from.
+- The separator at a boundary (a line break, the spaces after a sentence's end) ends the step before it;
+  VinePPO's splitter starts the next step with it. With tokens such as " The" that carry their leading
+  space, both give the same token prefix after a sentence; after a line break ours includes the newline.
+- Advantages are whitened once over the whole batch's response tokens; VinePPO's code whitens them per
+  micro-batch, in every epoch (the statistics of a few sequences at a time).
+- Dropout is left as the model's config has it, where VinePPO's code disables it: zero in SmolLM2 and
+  Qwen2.5, so the same; a model with dropout would make the ratio noisy.
+- Optimizer as VinePPO's code: AdamW with eps 1e-8 and no weight decay, 3% linear warm-up, then linear
+  decay over the optimizer steps of --num-steps (flags: --adam-eps, --weight-decay, --warmup-ratio,
+  --lr-decay).
+- KL and ratio safety as VinePPO's code: per-token k3 clamped to [0, 10]; log-ratios masked before any
+  exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped and counted (losses/skipped).
+- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes and
+  every epoch of the update run exactly those micro-batches (epochs shuffle their order), so at unchanged
+  weights the update's log-probs equal the old ones bit for bit and clipfrac / approx_kl / kl_ref_k3
+  measure only the update. The price: the no-grad passes use the update's micro-batch size.
+- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
+  autograd); gradient checkpointing on CUDA by default; the frozen reference in bfloat16 on CUDA (on the
+  CPU it stays float32 so that it reproduces the policy's log-probs exactly at step 0); the sampler (vLLM)
+  sleeps after the step's last generation, the Monte Carlo continuations, until the weights are synced.
+- The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
+  sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
 
 Run:  python vineppo.py                                                        # CPU, offline, default
       python vineppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
@@ -23,9 +50,10 @@ Run:  python vineppo.py                                                        #
 
 from __future__ import annotations
 
-import contextlib
 import bisect
+import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -37,7 +65,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import tyro
+from tokenizers import decoders
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -68,8 +98,8 @@ class Args:
     """cpu, cuda, or auto (cuda when available)"""
     bf16: bool = True
     """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 8
     """prompts per iteration"""
     samples_per_prompt: int = 4
@@ -79,7 +109,7 @@ class Args:
     temperature: float = 0.6
     """sampling temperature (VinePPO's 0.6); log-probs for the ratio and KL use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling; below 1 the update is slightly off-policy"""
+    """nucleus sampling (the paper: 0.9); below 1 the update is slightly off-policy"""
     num_epochs: int = 2
     """passes of PPO updates over each batch"""
     minibatch_size: int = 16
@@ -90,6 +120,15 @@ class Args:
     """sequences per generate call of the hf backend"""
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (VinePPO's code; 1e-5, CleanRL's Atari value, shrinks an LLM's tiny per-parameter steps)"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (VinePPO's code: 0)"""
+    warmup_ratio: float = 0.03
+    """share of the run's optimizer steps (over --num-steps) with a linear learning-rate warm-up from 0"""
+    lr_decay: Literal["linear", "constant"] = "linear"
+    """after the warm-up: linear decay towards 0 at --num-steps (VinePPO's code), or constant. With
+    --max-minutes the schedule still spans --num-steps: a run stopped early ends above 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_train_problems: int = 10_000
@@ -110,20 +149,28 @@ class Args:
     """wandb project name (with --track)"""
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
+    vllm_max_model_len: int | None = None
+    """vLLM's context length in tokens (None: the model's own limit)"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 
     # ---- algorithm specific arguments ----
     num_mc_rollouts: int = 9
     """K: continuations sampled from each state to estimate its value"""
     step_style: Literal["auto", "newline", "math"] = "auto"
     """how responses are split into reasoning steps (auto: math for the math dataset, else newline)"""
-    max_estimated_steps: int = 25
-    """states estimated per response (the paper's GSM8K cap); later states take V = R (advantage 0)"""
+    max_estimated_steps: int | None = None
+    """step boundaries estimated per response after the prompt (VinePPO's max_step_for_value_estimation); later
+    states take V = R (advantage 0). None: 25 for the newline style (VinePPO's GSM8K configs), every
+    boundary for the math style (its MATH configs)"""
     clip_eps: float = 0.2
     """PPO ratio clip"""
     kl_coef: float = 1e-4
-    """coefficient of the k3 KL to the reference in the loss (summed per sequence)"""
+    """coefficient of the k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence)"""
+    max_ratio: float = 10.0
+    """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
     whiten_advantages: bool = True
-    """normalise advantages over the batch's response tokens"""
+    """normalise advantages over the batch's response tokens (VinePPO's code: over each micro-batch's)"""
 
     # ---- computed at runtime ----
     batch_size: int = 0
@@ -131,7 +178,7 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# The algorithm's pure functions: each is tested on its own in tests/test_vineppo.py.
 # Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
 # ---------------------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -153,9 +200,25 @@ def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) 
     return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
 
 
-MATH_SPAN = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\[.*?\\\]|\\\(.*?\\\)|\\begin\{(\w+\*?)\}.*?\\end\{\1\}", re.DOTALL)
-MIN_STEP_CHARS = 10  # "math" style: pieces shorter than this (stripped) are merged into the next one
-MAX_STEP_CHARS = 100  # "math" style: pieces longer than this are split near their middle
+# "math" style. A math span is one of these, found left to right; an escaped character (`\$` is money, not
+# math) is matched only so that it cannot open or close a span, and is not protected.
+MATH_SPAN = re.compile(
+    r"\[asy\].*?\[/asy\]"  # Asymptote code
+    r"|\\begin\{(?P<env>[^}]*)\}.*?\\end\{(?P=env)\}"  # environments: align*, equation, array, ...
+    r"|\\\[.*?\\\]|\\\(.*?\\\)"  # \[ display \], \( inline \)
+    r"|\$\$(?:\\.|[^\\$])*\$\$"  # $$ display $$
+    r"|\$(?:\\.|[^\\$])+\$"  # $ inline $; an escaped \$ inside neither closes nor opens it
+    r"|(?P<escape>\\.)",  # an escaped character outside math, e.g. \$ (money)
+    re.DOTALL)
+SPAN_OPENING = re.compile(r"\\begin\{[^}]*\}(?:\{[^}]*\})*|\$\$?|\\[\[(]|\[asy\]")  # at a span's start
+SPAN_CLOSING = re.compile(r"(?:\\end\{[^}]*\}|\$\$?|\\[\])]|\[/asy\])$")  # at a span's end
+# a sentence's end: . ! or ? (possibly closing a math span, as in "$x = 5.$"), then spaces
+SENTENCE_END = re.compile(r"[.!?](?:\$\$?|\\[)\]])?\s+")
+WORD_BEFORE = re.compile(r"(?<![\w.])[A-Za-z][A-Za-z.]*$")  # the word a period follows ("Dr", "e.g", "x")
+ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "etc", "cf", "approx", "fig", "eq", "eqs"}
+MIN_STEP_CHARS = 10  # pieces shorter than this (stripped) are merged into the next one
+MAX_STEP_CHARS = 100  # pieces longer than this are split near their middle...
+MIN_SPLIT_CHARS = 20  # ...where both halves keep at least this many characters: every step costs K continuations
 
 
 def split_into_steps(text: str, style: str) -> list[str]:
@@ -163,10 +226,17 @@ def split_into_steps(text: str, style: str) -> list[str]:
 
     "newline" (GSM8K): a step per line (blank lines stay with the line before); a final `#### n` line
     is merged into the step before it.
-    "math" (MATH): cut after line ends and after sentence ends (. ! ? followed by a space), never inside
-    a math span ($...$, $$...$$, \\[...\\], \\(...\\), \\begin..\\end); pieces of under MIN_STEP_CHARS
-    are merged into the next one; pieces over MAX_STEP_CHARS are split at the space (preferably after
-    a comma, "and" or "=") nearest their middle, again outside math spans.
+    "math" (MATH), after VinePPO's `split_solution_inplace`:
+    - math spans ($...$, $$...$$, \\[...\\], \\(...\\), \\begin..\\end, [asy]..[/asy]) are never cut, except at
+      a line break that has content of the span on both sides (long display math, one step per line or so);
+    - cut after every line break, and after a sentence's end (. ! ? then spaces) when the next word starts
+      with a capital letter and the period does not end an abbreviation (a single letter as in "e.g.",
+      "i.e." or "x.", or one of ABBREVIATIONS such as "Dr." and "etc.");
+    - pieces under MIN_STEP_CHARS (stripped) are merged into the next one; pieces over MAX_STEP_CHARS are
+      split at the space (preferably after a comma, ":", "and" or "=") nearest their middle, outside math
+      spans, leaving at least MIN_SPLIT_CHARS on each side.
+    The separator (line break, spaces after a sentence) ends the step before a cut; VinePPO's splitter
+    starts the next step with it.
     """
     if style == "newline":
         steps = re.split(r"(?<=\n)(?=[^\n])", text)
@@ -177,9 +247,27 @@ def split_into_steps(text: str, style: str) -> list[str]:
         return steps
     if style != "math":
         raise ValueError(f"unknown step style {style!r}: use newline or math")
-    protected = [(m.start(), m.end()) for m in MATH_SPAN.finditer(text)]
-    inside = lambda i: any(a < i < b for a, b in protected)  # noqa: E731  a cut at i splits a span
-    cuts = sorted({m.end() for m in re.finditer(r"\n+|[.!?]\s+", text) if not inside(m.end())} - {0, len(text)})
+    spans = [(m.start(), m.end()) for m in MATH_SPAN.finditer(text) if m.group("escape") is None]
+    inside = lambda i: any(a < i < b for a, b in spans)  # noqa: E731  a cut at i splits a span
+
+    def line_cut_ok(i: int) -> bool:  # a cut after a line break at i: outside math, or between two lines of it
+        for a, b in spans:
+            if a < i < b:
+                head = text[a:i][SPAN_OPENING.match(text, a).end() - a :]  # the span before i, less its opening
+                tail = SPAN_CLOSING.sub("", text[i:b])  # the span after i, less its closing
+                return bool(head.strip()) and bool(tail.strip())
+        return True
+
+    cuts = {m.end() for m in re.finditer(r"\n+", text) if line_cut_ok(m.end())}
+    for m in SENTENCE_END.finditer(text):
+        next_char = text[m.end() : m.end() + 1]
+        plain_period = text[m.start()] == "." and text[m.start() + 1].isspace()  # not "x.$": math before it
+        word = WORD_BEFORE.search(text, max(0, m.start() - 12), m.start()) if plain_period else None
+        abbreviation = word is not None and (len(word.group()) == 1 or "." in word.group()
+                                             or word.group().lower() in ABBREVIATIONS)
+        if next_char.isupper() and not abbreviation and not inside(m.end()):
+            cuts.add(m.end())
+    cuts = sorted(cuts - {0, len(text)})
     pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     merged: list[str] = []  # tiny pieces join the piece after them
     carry = ""
@@ -205,9 +293,11 @@ def _split_long(piece: str, offset: int, inside) -> list[str]:
     if len(piece) <= MAX_STEP_CHARS:
         return [piece]
     mid = len(piece) / 2
-    # candidate cuts: after a space, not inside math; a space after ",", "and" or "=" is preferred
-    spaces = [i + 1 for i, ch in enumerate(piece[:-1]) if ch == " " and not inside(offset + i + 1)]
-    preferred = [i for i in spaces if re.search(r"(,|\band|=)\s$", piece[max(0, i - 5) : i])]
+    # candidate cuts: after a space, not inside math, MIN_SPLIT_CHARS from either end; after ",", ":", "and"
+    # or "=" preferred
+    spaces = [i + 1 for i, ch in enumerate(piece[:-1]) if ch == " " and not inside(offset + i + 1)
+              and MIN_SPLIT_CHARS <= i + 1 <= len(piece) - MIN_SPLIT_CHARS]
+    preferred = [i for i in spaces if re.search(r"([,:=]|\band)\s$", piece[max(0, i - 5) : i])]
     pool = preferred or spaces
     if not pool:
         return [piece]
@@ -225,13 +315,72 @@ def token_step_index(token_ends: list[int], step_lengths: list[int]) -> list[int
     return [bisect.bisect_left(bounds, end) if end > 0 else 0 for end in token_ends]
 
 
+GSM8K_MAX_BOUNDARIES = 25  # VinePPO's GSM8K configs (max_step_for_value_estimation); its MATH configs: no cap
+
+
+def state_starts(token_step: list[int], num_steps: int, max_boundaries: int | None) -> list[int]:
+    """Token offsets where the estimated states end: 0 (the prompt), then the first token of steps 1, 2, ...
+    (the state after each step but the last), at most `max_boundaries` of them (None: all). A step that
+    holds no token (its text ends inside a straddling token) starts where the next step does."""
+    num_estimated = num_steps if max_boundaries is None else min(num_steps, 1 + max_boundaries)
+    return [bisect.bisect_left(token_step, i) for i in range(num_estimated)]
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: the 188 printable bytes stand for themselves, the 68
+    others (controls, space, ...) for chr(256), chr(257), ... in byte order. Token strings are written in it."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = byte_level_alphabet()
+TO_LATIN1 = str.maketrans({c: chr(b) for c, b in BYTE_OF_CHAR.items()})  # then .encode("latin-1") gives the bytes
+CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # 0b10xxxxxx: the 2nd to 4th bytes of a UTF-8 character
+
+
 def token_char_ends(tokenizer, token_ids: list[int]) -> list[int]:
-    """For each token, the length of the decoded text up to and including it (capped, non-decreasing)."""
+    """For each token i, len(decode(token_ids[: i + 1])) (special tokens skipped), capped at the length of the
+    whole decoded text and made non-decreasing: a prefix can end in half a UTF-8 character, which decodes
+    to one replacement character U+FFFD.
+
+    Linear for byte-level BPE tokenizers (a plain ByteLevel decoder: SmolLM2, Qwen2.5, Llama 3). Their
+    decode() maps each token's characters back to bytes (a token with a character outside the alphabet,
+    such as an added token "my tok", gives its own UTF-8), joins them and decodes the bytes as UTF-8, bad
+    bytes replaced. A character never spans the start of a byte that is not a continuation byte, nor more
+    than 4 bytes: before the last such point the characters are settled, and only the bytes after it are
+    decoded again for each prefix. Other tokenizers, and a text that decode() post-processes (its total
+    length differs), decode every prefix: quadratic.
+    """
     text_len = len(tokenizer.decode(token_ids, skip_special_tokens=True))
+    lengths = None
+    if isinstance(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None), decoders.ByteLevel):
+        skipped = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        data = bytearray()  # the bytes of the tokens so far
+        settled, settled_chars = 0, 0  # data[:settled] decodes to settled_chars characters, whatever follows
+        lead = -4  # position of the last byte that is not a continuation byte
+        lengths = []
+        for i, piece in zip(token_ids, tokenizer.convert_ids_to_tokens(token_ids)):
+            if piece is not None and i not in skipped:
+                in_alphabet = set(piece) <= BYTE_OF_CHAR.keys()
+                raw = piece.translate(TO_LATIN1).encode("latin-1") if in_alphabet else piece.encode()
+                data += raw
+                if raw.rstrip(CONTINUATION_BYTES):
+                    lead = len(data) - len(raw) + len(raw.rstrip(CONTINUATION_BYTES)) - 1
+                # the last point no character spans: the last byte if it is 4 or more past `lead` (a run of
+                # stray continuation bytes, one U+FFFD each), else `lead`
+                point = len(data) - 1 if len(data) - 1 - lead >= 4 else lead
+                if point > settled:
+                    settled_chars += len(data[settled:point].decode("utf-8", "replace"))
+                    settled = point
+            lengths.append(settled_chars + len(data[settled:].decode("utf-8", "replace")))
+        if lengths and lengths[-1] != text_len:
+            lengths = None
+    if lengths is None:
+        lengths = [len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True)) for i in range(len(token_ids))]
     ends, last = [], 0
-    for i in range(len(token_ids)):
-        # decoding a prefix can end in half a UTF-8 character (one replacement char): cap and keep monotone
-        last = max(last, min(text_len, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))))
+    for n in lengths:
+        last = max(last, min(text_len, n))
         ends.append(last)
     return ends
 
@@ -242,19 +391,19 @@ def step_advantages(values: list[float], reward: float) -> list[float]:
 
 
 def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: list[list[int]],
-                    state_starts: list[list[int]], answers: list[str], k: int, max_new_tokens: int,
+                    starts: list[list[int]], answers: list[str], k: int, max_new_tokens: int,
                     temperature: float, top_p: float, seed: int | None) -> tuple[list[list[float]], int]:
     """Monte Carlo values of the states of every response, with identical prefixes sampled once.
 
-    state_starts[b] lists, for response b, the token offsets where its estimated states end (0 = the
+    starts[b] lists, for response b, the token offsets where its estimated states end (0 = the
     prompt). Returns V for each of them (the mean reward of k continuations) and the number of distinct
     prefixes sampled. A continuation may use the budget left after its prefix; past it, it scores 0.
     """
     unique: dict[tuple[int, ...], int] = {}
     keys = []  # keys[b][i]: index of the prefix of state i of response b in `unique`
-    for prompt, response, starts in zip(prompts, responses, state_starts):
+    for prompt, response, response_starts in zip(prompts, responses, starts):
         row = []
-        for start in starts:
+        for start in response_starts:
             key = tuple(prompt + response[:start])
             row.append(unique.setdefault(key, len(unique)))
         keys.append(row)
@@ -280,22 +429,37 @@ def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: l
     return [[means[u] for u in row] for row in keys], len(prefixes)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
+    to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
+    a padded position's log-prob can be below -88, whose exp overflows float32 and turns 0 * inf into NaN."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new))."""
-    log_ratio = logprobs - old_logprobs
+    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
+    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """Learning-rate factor of optimizer step `opt_step` (0-based) out of `total_steps`: a linear warm-up
+    1/w, 2/w, ..., 1 over the first w = ceil(warmup_ratio * total_steps) steps, then constant, or a linear
+    decay (total - s) / (total - w) towards 0 (VinePPO's DeepSpeed WarmupDecayLR)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if opt_step < warmup:
+        return (opt_step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - opt_step) / max(1, total_steps - warmup))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,28 +502,52 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return Batch(input_ids, attention_mask, position_ids, response_mask, P)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
-    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
+
+    Memory-lean: the model computes logits only at the T positions that predict response tokens
+    (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
+    chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
+    gradient) is computed from the same chunks."""
     dev = model.device
+    T = batch.response_mask.shape[1]
+    # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
     logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
-    T = batch.response_mask.shape[1]
-    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
-    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+                   position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V) in the compute dtype (bf16 under autocast)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        part, tgt = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, part, tgt, temperature, use_reentrant=False))
+        else:
+            pieces.append(token_logprobs(part, tgt, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.float() / temperature, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
     if not with_entropy:
-        return token_logprobs
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
-    return token_logprobs, entropy
+        return out
+    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
 
 
-def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
-    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
-    T = batch.response_mask.shape[1]
-    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
-    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
+    """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
+    put back at their rows; 0 past each micro-batch's own longest response."""
+    out = torch.zeros(batch.response_mask.shape)
+    for rows in micro_batches:
+        result = fn(batch.rows(rows))
+        out[rows, : result.shape[1]] = result.float()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,8 +587,10 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.num_mc_rollouts < 1 or args.max_estimated_steps < 1:
-        raise SystemExit("error: --num-mc-rollouts and --max-estimated-steps must be at least 1")
+    if args.num_mc_rollouts < 1:
+        raise SystemExit("error: --num-mc-rollouts must be at least 1")
+    if args.max_estimated_steps is not None and args.max_estimated_steps < 0:
+        raise SystemExit("error: --max-estimated-steps must be at least 0 (0: only the prompt's value is estimated)")
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
     if args.track:
@@ -423,16 +613,32 @@ def main(args: Args) -> None:
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
+    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
+    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     style = args.step_style if args.step_style != "auto" else ("math" if args.dataset == "math" else "newline")
+    # Step boundaries estimated per response: VinePPO's GSM8K configs cap them at 25, its MATH configs do not.
+    max_boundaries = args.max_estimated_steps if args.max_estimated_steps is not None else \
+        (GSM8K_MAX_BOUNDARIES if style == "newline" else None)
+
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
-    reference = load_model(args.model, device=device).eval().requires_grad_(False)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
+    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False)
+    # AdamW as VinePPO's code sets it (eps 1e-8, no weight decay), warm-up then linear decay over the run's
+    # optimizer steps: num_steps x num_epochs x minibatches per batch.
+    total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
+    schedule = lambda s: lr_multiplier(s, total_opt_steps, args.warmup_ratio, args.lr_decay)  # noqa: E731
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
     generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                                batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed)
+                               seed=args.seed, max_model_len=args.vllm_max_model_len,
+                               enforce_eager=args.vllm_enforce_eager)
 
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -476,30 +682,20 @@ def main(args: Args) -> None:
         mask = batch.response_mask  # (B, T)
         lengths = mask.sum(1).long()  # (B,)
 
-        # 2.3 VinePPO's own part: old and reference log-probs, then Monte Carlo values at step boundaries.
-        t0 = time.time()
-        with torch.no_grad(), autocast():
-            policy.eval()
-            old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
-            ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
-        t_ref = time.time() - t0
+        # 2.3 VinePPO's own part: Monte Carlo values at step boundaries, then old and reference log-probs.
         t0 = time.time()
         #   a. split each response into steps and find the step of every token
-        token_steps, num_steps, state_starts = [], [], []  # per sample: step of each token; steps; state starts
+        token_steps, num_steps, starts = [], [], []  # per sample: step of each token; steps; state starts
         for c in completions:
             steps = split_into_steps(c.text, style)
             token_step = token_step_index(token_char_ends(tokenizer, c.token_ids), [len(x) for x in steps])
             token_steps.append(token_step)
             num_steps.append(len(steps))
-            # the state before step i is the prefix of tokens before the first token of step >= i
-            num_estimated = min(len(steps), args.max_estimated_steps)
-            state_starts.append([bisect.bisect_left(token_step, i) for i in range(num_estimated)])
+            starts.append(state_starts(token_step, len(steps), max_boundaries))
         #   b. K continuations from every distinct state (prompt included), in one batched call
         mc_values, num_prefixes = estimate_values(
             generator, tokenizer, [p for p in prompts for _ in range(args.samples_per_prompt)],
-            [c.token_ids for c in completions], state_starts, answers, args.num_mc_rollouts, args.max_new_tokens,
+            [c.token_ids for c in completions], starts, answers, args.num_mc_rollouts, args.max_new_tokens,
             args.temperature, args.top_p, seed=args.seed * 100_003 + step + 50_000)
         #   c. step advantages V(s_{i+1}) - V(s_i), last R - V(s_last); states past the cap take V = R
         advantages = torch.zeros_like(mask)  # (B, T)
@@ -513,27 +709,45 @@ def main(args: Args) -> None:
         raw_advantages = np.array(all_step_advantages)
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
+        #   d. old and reference log-probs. The micro-batches are fixed once per step: these no-grad passes
+        #   and every epoch of the update see the same rows with the same padding, so in bf16 they run the
+        #   same arithmetic and the ratio is exactly 1 at unchanged weights. The epochs shuffle the order of
+        #   micro-batches, not their contents.
+        generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
+        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            policy.eval()
+            old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
+                                            micro_batches) * mask  # (B, T)
+            ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
+                                            micro_batches) * mask  # (B, T)
+        t_ref = time.time() - t0
 
-        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
+        # partition, in a new random order every epoch, with gradients accumulated over them.
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
         accumulation = args.minibatch_size // args.micro_batch_size
+        skipped = 0
+        lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
-            order = torch.randperm(args.batch_size)
-            for mb_start in range(0, args.batch_size, args.minibatch_size):
-                mb = order[mb_start : mb_start + args.minibatch_size]
-                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
-                for micro in mb.split(args.micro_batch_size):
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
-                                                                       m, args.clip_eps)
-                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean()  # summed per sequence
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
+                                                                              cut(advantages), m, args.clip_eps)
+                        kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean()  # summed per sequence
+                    if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
+                        skipped += 1
+                        continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation.
                     (pg_loss * weight + args.kl_coef * kl / accumulation).backward()
@@ -542,6 +756,7 @@ def main(args: Args) -> None:
                         stats[k].append(float(v.detach()))
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_opt.step()
+                policy_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
         generator.sync_weights(policy)
         t_update = time.time() - t0
@@ -554,11 +769,11 @@ def main(args: Args) -> None:
         logs = {
             "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
             "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
-            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "charts/step_time": step_time, "charts/learning_rate": lr,
             "losses/policy_loss": np.mean(stats["policy_loss"]),
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
-            "losses/kl_ref_k1": kl_k1,
+            "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/mc_values": t_mc, "time/update": t_update,
             "vine/continuations": num_prefixes * args.num_mc_rollouts, "vine/mc_time_share": t_mc / step_time,
             "vine/mean_abs_advantage": np.abs(raw_advantages).mean(),

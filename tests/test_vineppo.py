@@ -1,12 +1,20 @@
-"""vineppo.py: the step splitter, step advantages, the token mapping, the Monte Carlo estimate, end to end."""
+"""vineppo.py: the step splitter, step advantages, the token mapping, the Monte Carlo estimate, the shared PPO
+pieces (KL, loss, schedule, chunked log-probs, fixed micro-batches), end to end."""
+
+import math
+import random
+import re
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.generation import Completion
 from conftest import run_tiny
-from vineppo import estimate_values, split_into_steps, step_advantages, token_char_ends, token_step_index
+from vineppo import (GSM8K_MAX_BOUNDARIES, MATH_SPAN, estimate_values, in_micro_batches, kl_k3, lr_multiplier,
+                     make_batch, ppo_policy_loss, response_logprobs, split_into_steps, state_starts, step_advantages,
+                     token_char_ends, token_step_index)
 
 SPLIT_CASES = [
     # (text, style, expected steps)
@@ -59,6 +67,113 @@ def test_split_join_property(text, style):
     assert "".join(steps) == text and len(steps) >= 1
 
 
+# Structured pieces for the property test: math delimiters, escapes, abbreviations, line breaks.
+PIECES = ["$", "$$", "\\$", "\\[", "\\]", "\\(", "\\)", "\\begin{align*}", "\\end{align*}", "\\\\", "\n", "\n\n",
+          ". ", "! ", "? ", ".$ ", "e.g. ", "Dr. ", "The ", "and ", "x = 3", ", ", "=", "word ", "#### 4", "é"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES) | st.text(max_size=8), max_size=80))
+def test_math_split_join_property_on_latex_like_text(parts):
+    text = "".join(parts)
+    steps = split_into_steps(text, "math")
+    assert "".join(steps) == text and len(steps) >= 1
+
+
+def test_escaped_dollar_is_money_not_math():
+    """`\\$` never opens or closes math: the sentences around prices are found, and the real span stays whole."""
+    text = ("Apples cost \\$1.25 each. She buys 3 of them. So she pays $3 \\times 1.25 = 3.75$ dollars. "
+            "Then she has \\$6.25 left.")
+    assert [m.group() for m in MATH_SPAN.finditer(text) if m.group("escape") is None] == ["$3 \\times 1.25 = 3.75$"]
+    assert split_into_steps(text, "math") == [
+        "Apples cost \\$1.25 each. ", "She buys 3 of them. ", "So she pays $3 \\times 1.25 = 3.75$ dollars. ",
+        "Then she has \\$6.25 left."]
+    # inside math, an escaped dollar does not close the span
+    spans = [m.group() for m in MATH_SPAN.finditer("Total: $\\$5 + \\$3 = \\$8$. Done") if m.group("escape") is None]
+    assert spans == ["$\\$5 + \\$3 = \\$8$"]
+
+
+def test_no_cut_after_abbreviations_or_before_lowercase():
+    text = ("We use a known bound, e.g. AM-GM on the terms. That is, i.e. Cauchy works too. Ask Dr. Smith about "
+            "it. Add apples, pears, etc. The sum is 12. It is 12. and so it stays.")
+    assert split_into_steps(text, "math") == [
+        "We use a known bound, e.g. AM-GM on the terms. ", "That is, i.e. Cauchy works too. ",
+        "Ask Dr. Smith about it. ", "Add apples, pears, etc. The sum is 12. ", "It is 12. and so it stays."]
+
+
+def test_sentence_that_ends_inside_math_is_a_boundary():
+    assert split_into_steps("The value is $x = 5.$ Then we stop here.", "math") == [
+        "The value is $x = 5.$ ", "Then we stop here."]
+
+
+def test_long_piece_split_leaves_no_short_step():
+    # 111 characters; the only "and " is 8 from the end. The earlier splitter cut there and left "then" alone
+    # (4 characters, 9 continuations); now a cut keeps 20 characters on each side, so the space nearest the
+    # middle (55.5) is taken: after "on " at 55.
+    text = ("Now we count every one of the little boxes that sit on the long shelf in the room next to the big door "
+            "and then")
+    steps = split_into_steps(text, "math")
+    assert steps == ["Now we count every one of the little boxes that sit on ",
+                     "the long shelf in the room next to the big door and then"]
+    # No step under 20 characters from the long-piece splitter, on long texts without sentence ends.
+    rng = random.Random(0)
+    words = ["a", "and", "to", "x,", "=", "the", "number", "is", "of", "counting", "y:"]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+        steps = split_into_steps(text, "math")
+        assert "".join(steps) == text
+        assert len(steps) == 1 or all(len(s) >= 20 for s in steps), steps
+
+
+ALIGN = ("We expand both sides and collect the terms:\n\\begin{align*}\n"
+         "(x+1)^2 + (x-2)^2 &= x^2 + 2x + 1 + x^2 - 4x + 4 \\\\\n"
+         "&= 2x^2 - 2x + 5 \\\\\n"
+         "2x^2 - 2x + 5 &= 3x^2 - 6x + 9 \\\\\n"
+         "0 &= x^2 - 4x + 4 \\\\\n"
+         "0 &= (x - 2)^2 \\\\\n"
+         "x &= 2 \\\\\n"
+         "\\text{check: } (2+1)^2 + (2-2)^2 &= 9 + 0 = 9 \\\\\n"
+         "3 \\cdot 2^2 - 6 \\cdot 2 + 9 &= 12 - 12 + 9 = 9\n"
+         "\\end{align*}\nSo the answer is $\\boxed{2}$.")
+
+
+def test_long_display_math_is_cut_at_its_line_breaks():
+    """A 278-character align* block was one step (VinePPO's splitter: 9 lines). Now one step per line, the
+    opening line with the first row, the closing line with the last, short rows (under 10) with the next."""
+    assert split_into_steps(ALIGN, "math") == [
+        "We expand both sides and collect the terms:\n",
+        "\\begin{align*}\n(x+1)^2 + (x-2)^2 &= x^2 + 2x + 1 + x^2 - 4x + 4 \\\\\n",
+        "&= 2x^2 - 2x + 5 \\\\\n",
+        "2x^2 - 2x + 5 &= 3x^2 - 6x + 9 \\\\\n",
+        "0 &= x^2 - 4x + 4 \\\\\n",
+        "0 &= (x - 2)^2 \\\\\n",
+        "x &= 2 \\\\\n\\text{check: } (2+1)^2 + (2-2)^2 &= 9 + 0 = 9 \\\\\n",
+        "3 \\cdot 2^2 - 6 \\cdot 2 + 9 &= 12 - 12 + 9 = 9\n\\end{align*}\n",
+        "So the answer is $\\boxed{2}$.",
+    ]
+    # $$ ... $$ over three lines: its only content line carries both delimiters' lines, so it is one piece.
+    assert split_into_steps("$$\n a^2 + b^2 = c^2 \n$$\nThus the answer is 5.", "math") == [
+        "$$\n a^2 + b^2 = c^2 \n$$\n", "Thus the answer is 5."]
+    # A sentence end inside display math is still no boundary.
+    text = "\\[\nx = 1. Then y = 2\n\\]\nSo we are done with it."
+    assert all(not re.fullmatch(r"\s*(\\\[|\\\])\s*", s) for s in split_into_steps(text, "math"))
+    assert split_into_steps(text, "math") == ["\\[\nx = 1. Then y = 2\n\\]\n", "So we are done with it."]
+
+
+def test_state_starts_and_the_gsm8k_cap():
+    # 3 steps of 2, 1, 2 tokens: states end at token 0 (the prompt), 2 and 3; the last step has no state after it
+    token_step = [0, 0, 1, 2, 2]
+    assert state_starts(token_step, 3, None) == [0, 2, 3]
+    assert state_starts(token_step, 3, 1) == [0, 2] and state_starts(token_step, 3, 0) == [0]
+    # VinePPO's GSM8K cap: the prompt + 25 boundaries (steps 1..25), so a 40-step response has 26 states
+    many = [i // 2 for i in range(80)]  # 40 steps of 2 tokens
+    assert GSM8K_MAX_BOUNDARIES == 25
+    assert state_starts(many, 40, GSM8K_MAX_BOUNDARIES) == [2 * i for i in range(26)]
+    assert len(state_starts(many, 40, None)) == 40
+    # a step with no token (its text ends inside a straddling token) starts where the next step does
+    assert state_starts([0, 2, 2], 3, None) == [0, 1, 1]
+
+
 def test_step_advantages_hand_worked():
     assert step_advantages([0.5, 0.75, 0.25], 1.0) == [0.25, -0.5, 0.75]
     assert step_advantages([0.4], 0.0) == [-0.4]
@@ -87,6 +202,64 @@ def test_token_char_ends_on_the_real_tokenizer(tokenizer):
     first_of_step_1 = owner.index(1)
     assert tokenizer.decode(ids[:first_of_step_1]) in (steps[0], steps[0].rstrip("\n"))
     assert owner[-1] == 1
+
+
+def token_char_ends_by_prefixes(tokenizer, token_ids):
+    """The reference (vineppo.py's earlier implementation): decode every prefix, quadratic."""
+    text_len = len(tokenizer.decode(token_ids, skip_special_tokens=True))
+    ends, last = [], 0
+    for i in range(len(token_ids)):
+        last = max(last, min(text_len, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))))
+        ends.append(last)
+    return ends
+
+
+REAL_TEXTS = [
+    "Step one: 12+3=15.\nStep two: done",
+    "Le café coûte 3,50 € ; naïve façade. 日本語のテキストです。 Emoji: 🙂👍🏽 and 𝔽 (a 4-byte letter).",
+    "So $x^2 = 9$, i.e. $x = \\pm 3$.\n\\begin{align*}\ny &= 2x \\\\\n&= 6\n\\end{align*}\n#### 6",
+    "",
+]
+
+
+def test_token_char_ends_matches_decoding_every_prefix(tokenizer):
+    """The linear version gives exactly the reference's output: on real texts (multi-byte characters split
+    across byte-level tokens), on random token lists, on lists of single-byte tokens (characters cut and bytes
+    that never form one) and with special tokens in between (skipped by decode)."""
+    for text in REAL_TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert token_char_ends(tokenizer, ids) == token_char_ends_by_prefixes(tokenizer, ids)
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    single_bytes = [i for i in range(vocab) if len(tokenizer.convert_ids_to_tokens(i)) == 1]  # one byte each
+    specials = list(tokenizer.added_tokens_decoder)
+    for trial in range(600):
+        n = rng.randint(0, 40)
+        pool = [lambda: rng.randrange(vocab), lambda: rng.choice(single_bytes),
+                lambda: rng.choice([rng.choice(single_bytes), rng.choice(specials), rng.randrange(vocab)])][trial % 3]
+        ids = [pool() for _ in range(n)]
+        assert token_char_ends(tokenizer, ids) == token_char_ends_by_prefixes(tokenizer, ids), ids
+
+
+def test_token_char_ends_is_linear_and_falls_back_elsewhere(tokenizer):
+    """On the byte-level tokenizer the whole text is decoded once, not once per prefix; a tokenizer without a
+    ByteLevel decoder gets the reference (every prefix decoded), with the same result."""
+
+    class Counting:
+        def __init__(self, tok, hide_backend):
+            self.tok, self.calls = tok, 0
+            if not hide_backend:
+                self.backend_tokenizer = tok.backend_tokenizer
+            self.added_tokens_decoder, self.convert_ids_to_tokens = tok.added_tokens_decoder, tok.convert_ids_to_tokens
+
+        def decode(self, ids, skip_special_tokens=False):
+            self.calls += 1
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tokenizer(REAL_TEXTS[1] * 8, add_special_tokens=False)["input_ids"]
+    fast, slow = Counting(tokenizer, hide_backend=False), Counting(tokenizer, hide_backend=True)
+    assert token_char_ends(fast, ids) == token_char_ends(slow, ids) == token_char_ends_by_prefixes(tokenizer, ids)
+    assert fast.calls == 1 and slow.calls == len(ids) + 1
 
 
 class ScriptedGenerator:
@@ -136,6 +309,72 @@ def test_continuation_past_the_budget_scores_zero(tokenizer):
     assert values == [[0.0]]
 
 
+# ---- the pieces shared with ppo.py (copies of its functions, tested here on their own) ----
+def test_kl_k3():
+    lp = torch.tensor([-1.0, -2.0, -0.5])
+    ones = torch.ones(3)
+    assert torch.allclose(kl_k3(lp, lp, ones), torch.zeros(3))
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    r = ref - lp
+    assert torch.allclose(kl_k3(lp, ref, ones), torch.exp(r) - r - 1)
+    # Clamped at 10 per token (exp(4) - 4 - 1 = 49.6), and 0 outside the mask.
+    assert kl_k3(torch.tensor([-4.0]), torch.tensor([0.0]), torch.ones(1)).item() == 10.0
+    assert kl_k3(lp, ref, torch.tensor([1.0, 0.0, 1.0]))[1].item() == 0.0
+
+
+def test_padded_logprob_below_minus_88_gives_no_nan():
+    """exp(95) overflows float32: masking the log-ratio before the exp keeps the gradient finite."""
+    logprobs = torch.tensor([[-1.0, -95.0]], requires_grad=True)
+    old, ref, adv = torch.tensor([[-1.1, 0.0]]), torch.tensor([[-0.9, 0.0]]), torch.tensor([[0.5, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, _, _, ratio = ppo_policy_loss(logprobs, old, adv, mask, 0.2)
+    (loss + kl_k3(logprobs, ref, mask).sum()).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0
+    assert ratio.item() == pytest.approx(math.exp(0.1), rel=1e-5)  # the mean ratio over real tokens only
+
+
+def test_policy_loss_clipping():
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    # ratio e^0.5 = 1.65 with positive advantage: clipped at 1.2, so the loss is -1.2 and clipfrac 1.
+    loss, clipfrac, _, ratio = ppo_policy_loss(torch.full((1, 2), 0.5), old, torch.ones(1, 2), mask, 0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
+    assert ratio.item() == pytest.approx(math.exp(0.5))
+    # Same ratio, negative advantage: the unclipped term is the max, -(-1) * 1.65.
+    loss, clipfrac, _, _ = ppo_policy_loss(torch.full((1, 2), 0.5), old, -torch.ones(1, 2), mask, 0.2)
+    assert loss.item() == pytest.approx(math.exp(0.5), rel=1e-5) and clipfrac.item() == 0.0
+
+
+def test_lr_multiplier_warmup_then_linear_decay():
+    # 100 optimizer steps, 3% warm-up: 3 steps at 1/3, 2/3, 1, then (100 - s) / 97 down to 1/97.
+    f = [lr_multiplier(s, 100, 0.03, "linear") for s in range(100)]
+    assert f[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 97 / 97])
+    assert f[50] == pytest.approx(50 / 97) and f[99] == pytest.approx(1 / 97)
+    assert [lr_multiplier(s, 10, 0.25, "constant") for s in range(10)] == pytest.approx([1 / 3, 2 / 3] + [1.0] * 8)
+    assert lr_multiplier(12, 10, 0.0, "linear") == 0.0
+
+
+def test_chunked_logprobs_and_fixed_micro_batches(tiny_model, tokenizer):
+    """Chunked log-probs equal the full-vocabulary softmax (same values for any chunk size); in_micro_batches
+    puts each micro-batch's rows back in place, whatever the partition."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 2, 7, 3)]
+    responses = [torch.randint(3, 1000, (n,)).tolist() for n in (4, 9, 1, 6)]
+    batch = make_batch(prompts, responses, tokenizer.pad_token_id)
+    m = batch.response_mask
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids).logits
+        T, P = m.shape[1], batch.prompt_width
+        want = torch.log_softmax(logits[:, P - 1 : P - 1 + T].float() / 0.6, -1)
+        want = want.gather(-1, batch.input_ids[:, P:, None]).squeeze(-1)
+        lp = response_logprobs(tiny_model, batch, 0.6)
+        assert torch.allclose(lp * m, want * m, atol=1e-5)
+        assert torch.equal(response_logprobs(tiny_model, batch, 0.6, chunk=5), lp)
+        for partition in (torch.arange(4).split(4), torch.tensor([2, 0, 3, 1]).split(2)):
+            out = in_micro_batches(lambda b: response_logprobs(tiny_model, b, 0.6), batch, partition)
+            assert torch.allclose(out * m, lp * m, atol=1e-5)
+
+
 TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12",
         "--num-mc-rollouts", "2", "--eval-every", "1"]
@@ -145,3 +384,7 @@ def test_vineppo_end_to_end(tmp_path):
     _, records = run_tiny("vineppo.py", tmp_path, *TINY)
     train = [r for r in records if "vine/continuations" in r]
     assert len(train) == 2 and all(r["vine/continuations"] >= 2 * 2 for r in train)  # >= the 2 prompt states x K
+    # 2 steps x 2 epochs x 2 minibatches = 8 optimizer steps, the first of them warm-up (1/1). Each step logs the
+    # lr of its first optimizer step: step 0 (1e-5), then step 4, decayed to (8 - 4) / (8 - 1) of it.
+    assert [r["charts/learning_rate"] for r in train] == pytest.approx([1e-5, 1e-5 * 4 / 7])
+    assert all(r["losses/skipped"] == 0 for r in train)
