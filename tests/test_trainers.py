@@ -28,6 +28,7 @@ from conftest import ROOT, run_script, run_tiny
 # Script -> the flags that set every learning rate of that script to 0.
 FROZEN = {
     "ppo.py": ["--learning-rate", "0", "--critic-learning-rate", "0"],
+    "vineppo.py": ["--learning-rate", "0"],
 }
 
 # 4 prompts x 4 samples in micro-batches of 4. With the earlier code (consecutive micro-batches for the
