@@ -3,35 +3,74 @@ a prompt's rollouts, on a GRPO/DAPO base. No critic, no extra model pass.
 
 The value of a response prefix is a distance-weighted average of the final rewards of the nearest prefixes
 among all rollouts of the same prompt in the batch, with distances between the policy's own last-layer
-hidden states, taken from the forward pass that already computes the old log-probs. States are taken
-every `--interval` response tokens; each token of segment j gets R - V(state_j), divided by the group's
-reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28), token-level mean, no KL. `--no-hista`
-gives plain GRPO/DAPO from the same file, and `diff numca.py hista.py` shows only the estimators.
+hidden states over the prompt and the response, taken from the forward pass that already computes the old
+log-probs. States are taken every `--interval` response tokens; each token of segment j gets
+R - V(state_j), divided by the group's reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28),
+token-level mean, no KL. `--no-hista` gives plain GRPO/DAPO from the same file, and
+`diff numca.py hista.py` shows only the estimators.
 
 Steps of the estimate (shared/docs/ALGORITHMS.md section 6; official code VOXXXX1874/Hista):
-1. hidden states of the response tokens, smoothed along the sequence by a bias-corrected EMA (alpha
-   0.7), then averaged in windows of 5 tokens: a prefix of p tokens is its first ceil(p / 5) windows;
+1. hidden states of the prompt and response tokens, smoothed along the sequence by a bias-corrected EMA
+   (alpha 0.7) run from the first prompt token (the official representation includes the prompt too),
+   then averaged in windows of 5 tokens aligned to the response start: a prefix of p response tokens is the prompt's ceil(P / 5)
+   windows followed by its first ceil(p / 5) response windows;
 2. MinDistance between two prefixes: for each window of the longer, the L2 distance to the nearest
    window of the shorter, summed and divided by the longer length; all pairs of a prompt's prefixes at
-   once from one padded distance tensor (cumulative minimum, then cumulative sum);
-3. the pool of a prefix: every candidate prefix of every rollout of the prompt (labelled with that
-   rollout's reward), and of its own rollout only those no longer than itself; distances clamped below
-   at d_min, the k nearest weighted by 1/d; k falls linearly from 66 to 6 along a response's states;
+   once from one padded distance tensor (cumulative minimum, then cumulative sum), on the model's device;
+3. the pool of a prefix: every candidate prefix of every rollout of the prompt (the prompt-only prefix,
+   one every --interval response tokens, and the whole response), labelled with that rollout's reward;
+   of its own rollout only those no longer than itself. Distances clamped below at d_min, the k nearest
+   weighted by 1/d, with the official k schedule: for the n estimated states of a response,
+   k_i = k_max - floor((k_max - k_min) / n) * i, i = 0 .. n - 1 (66 - floor(60 / n) * i: it never
+   reaches 6, and stays 66 when n > 60);
 4. the first state's value is the group mean, the terminal state's is R.
 
 Choices and departures:
-- The EMA is the textbook bias-corrected one (it starts from zero, so a constant sequence stays constant)
-  and runs over the response tokens only; the official code seeds it with the first hidden state of the
-  whole padded sequence. Windows are averaged, as the paper says; the official code keeps every 5th
-  smoothed vector instead.
+- The EMA is the textbook bias-corrected one (it starts from zero, so a constant sequence stays
+  constant); the official code seeds it with the first hidden state and still divides by 1 - alpha^(t+1),
+  so its first smoothed state is h_0 / 0.3, and its recursion starts at the first column of the
+  left-padded batch (a shorter prompt's pad columns leak into its first states). Windows are averaged,
+  as the paper says; the official code keeps every 5th smoothed vector instead.
+- Still different from the official code:
+  - the grid: here states sit every --interval tokens from the RESPONSE start and the windows are aligned
+    to it, so a state's prefix ends just before the first token it scores. The official grid is anchored
+    at the first PROMPT token (a node every 50 tokens from there, the response start replacing the last
+    node before it), and its strided rows are the smoothed states AT the node tokens, so a state's
+    representation already includes the first token it scores (a one-token lookahead);
+  - the last response token: the official advantages end one token early (the segments run between node
+    indices, the last node being the last token), so the last token (EOS) gets advantage 0; here it gets
+    R - V of its segment like the others.
 - `--interval 10` (the paper: 50): the CPU default's responses are 30-120 tokens long, so 50 would give
   most of them no intermediate state at all; 10 gives 3-12 states per response.
-- `--d-min 10` (the paper: 5 for Qwen2.5-1.5B): the floor decides how much a prefix's own rollout
+- `--d-min 2.5` (the paper: 5 for Qwen2.5-1.5B): the floor decides how much a prefix's own rollout
   (distance 0) outweighs its neighbours, so it must scale with the model's hidden states. For
-  SmolLM2-135M's last layer (hidden size 576, state norm ~49) we measured MinDistances between a
-  prefix and other rollouts' prefixes of the same prompt of 9.3 / 18.3 / 27.5 (5% / median / 95%, 4
-  prompts x 8 rollouts, T = 0.6); 10 treats the closest ~5% as equally close and gives the rollout's
-  own prefix about twice the weight of a median neighbour (at 1 it would be 18 times).
+  SmolLM2-135M's last layer (hidden size 576, state norm ~48) we measured, between a prefix and the other
+  rollouts' prefixes of the same prompt (64 rollouts: 8 arithmetic prompts x 8, T = 0.6, bf16 autocast),
+  MinDistances of 2.5 / 7.4 / 13.1 (5% / median / 95%) with the prompt in the representation, against
+  7.9 / 14.7 / 24.5 without it (the prompt's windows are shared by a group, so they match at distance ~0
+  and pull the averages down). As with the response-only representation (d_min 10 then, near its 5th
+  percentile), the floor sits at the 5th percentile: the closest ~5% count as equally close, and a
+  rollout's own prefix weighs about 3 times a median neighbour.
+- A group whose rewards are all equal (std 0) keeps its advantages undivided (group_scale, as in
+  numca.py); here its values all equal the shared reward, so its advantages are 0 either way.
+- `--dynamic-sampling-scale 2` draws twice the prompts and keeps the half whose pass rate is nearest 0.5,
+  as both official recipes do (for the GRPO baseline too). Off by default: it doubles the generation, the
+  largest part of a CPU step.
+- Optimizer as the official recipes: TRL's AdamW defaults (eps 1e-8, no weight decay) and a constant
+  learning rate without warm-up (flags: --adam-eps, --weight-decay, --warmup-ratio, --lr-decay).
+- KL and ratio safety: with --kl-coef > 0 (DAPO has none) the per-token k3 is clamped to [0, 10];
+  log-ratios are masked before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped
+  and counted (losses/skipped), a guard of this repository's shared template (VinePPO's code; TRL has none).
+- Batch invariance: each step's micro-batch partition is drawn once; the old pass (log-probs and hidden
+  states), the reference pass and every epoch of the update run exactly those micro-batches (epochs
+  shuffle their order), so at unchanged weights the update's log-probs equal the old ones bit for bit and
+  clipfrac / approx_kl / kl_ref_k3 measure only the update. The price: the no-grad passes use the update's
+  micro-batch size.
+- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
+  autograd); gradient checkpointing on CUDA by default; a reference model only with --kl-coef > 0, in
+  bfloat16 on CUDA (float32 on the CPU, so that it reproduces the policy's log-probs exactly at step 0).
+  The hidden states stay on the model's device until the step's advantages are computed; one prompt's
+  distance tensors take about 8 x G^2 x L^2 floats (L windows per rollout, prompt included).
 - Defaults sized for the offline CPU run as in numca.py (4 prompts x 8 samples, lr 1e-5, T = 0.6).
 
 Run:  python hista.py                                                        # CPU, offline, default
@@ -43,6 +82,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -53,6 +93,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -84,8 +125,8 @@ class Args:
     """cpu, cuda, or auto (cuda when available)"""
     bf16: bool = True
     """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 4
     """prompts per iteration"""
     samples_per_prompt: int = 8
@@ -106,6 +147,16 @@ class Args:
     """sequences per generate call of the hf backend"""
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (TRL's default, which the official recipes keep; 1e-5 shrinks an LLM's tiny per-parameter steps)"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (TRL's default, which the official recipes keep: 0)"""
+    warmup_ratio: float = 0.0
+    """share of the run's optimizer steps (over --num-steps) with a linear learning-rate warm-up from 0 (the
+    official recipes: none)"""
+    lr_decay: Literal["linear", "constant"] = "constant"
+    """after the warm-up: constant (the official recipes' lr_scheduler_type), or linear decay towards 0 at
+    --num-steps. With --max-minutes the schedule still spans --num-steps: a run stopped early ends above 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_train_problems: int = 10_000
@@ -126,6 +177,10 @@ class Args:
     """wandb project name (with --track)"""
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
+    vllm_max_model_len: int | None = None
+    """vLLM's context length in tokens (None: the model's own limit)"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 
     # ---- algorithm specific arguments ----
     no_hista: bool = False
@@ -133,15 +188,15 @@ class Args:
     interval: int = 10
     """response tokens between candidate states (the paper: 50 for responses thousands of tokens long)"""
     ema_alpha: float = 0.7
-    """smoothing of the hidden states along the sequence (bias-corrected EMA)"""
+    """smoothing of the hidden states along the sequence (bias-corrected EMA from the first prompt token)"""
     window: int = 5
     """smoothed hidden states are averaged in windows of this many tokens"""
     k_max: int = 66
-    """neighbours used for a response's first state; k falls linearly to k_min at its last"""
+    """neighbours used for a response's first estimated state; k falls by floor((k_max - k_min) / n) per state"""
     k_min: int = 6
-    """neighbours used for a response's last state"""
-    d_min: float = 10.0
-    """distances are clamped below at this (weights 1 / d); depends on the model's hidden size"""
+    """the floor of the k schedule (never reached: see linear_k)"""
+    d_min: float = 2.5
+    """distances are clamped below at this (weights 1 / d); depends on the model's hidden states"""
     lam: float = 1.0
     """lambda of the GAE-style pass over segments (1.0: R - V(state of the segment))"""
     clip_eps_low: float = 0.2
@@ -149,7 +204,13 @@ class Args:
     clip_eps_high: float = 0.28
     """PPO ratio clip above 1 (DAPO's clip-higher)"""
     kl_coef: float = 0.0
-    """coefficient of a k3 KL to the reference in the loss (0: no reference model is loaded)"""
+    """coefficient of a k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence;
+    0: no reference model is loaded)"""
+    max_ratio: float = 10.0
+    """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    dynamic_sampling_scale: int = 1
+    """draw this many times --num-prompts prompts and train on the --num-prompts whose pass rate is nearest 0.5
+    (the official recipes: 2; 1: off). Applies to the GRPO baseline too"""
 
     # ---- computed at runtime ----
     batch_size: int = 0
@@ -157,7 +218,7 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# The algorithm's pure functions: each is tested on its own in tests/test_hista.py.
 # Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
 # ---------------------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -171,23 +232,46 @@ def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) 
     return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
 
 
-def ema_smooth(h: torch.Tensor, alpha: float) -> torch.Tensor:
+def ema_smooth(h: torch.Tensor, alpha: float, chunk: int = 32) -> torch.Tensor:
     """Bias-corrected exponential moving average along dim -2 of (..., T, D): m_t = alpha m_{t-1} + (1 - alpha)
-    h_t from m_{-1} = 0, divided by 1 - alpha^(t+1). A constant sequence stays constant."""
+    h_t from m_{-1} = 0, divided by 1 - alpha^(t+1). A constant sequence stays constant.
+
+    Vectorised: inside a chunk of C rows, m = W h + alpha^(1 .. C) m_before with W[t, j] = (1 - alpha)
+    alpha^(t - j) for j <= t, so the Python loop runs over T / C chunks, not over tokens. (One (T, T) matrix
+    would take T^2 memory; a cumulative sum of alpha^-t h_t would overflow float32 after ~250 tokens.)
+    """
+    T = h.shape[-2]
+    t = torch.arange(chunk, device=h.device)
+    lag = t[:, None] - t[None, :]  # (C, C)
+    W = torch.where(lag >= 0, (1 - alpha) * alpha ** lag.clamp(min=0).to(h.dtype), 0.0)  # (C, C)
+    carry = alpha ** (t + 1).to(h.dtype)[:, None]  # (C, 1): weight of the state before the chunk on each row
     out = torch.empty_like(h)
-    m = torch.zeros_like(h[..., 0, :])
-    for t in range(h.shape[-2]):
-        m = alpha * m + (1 - alpha) * h[..., t, :]
-        out[..., t, :] = m / (1 - alpha ** (t + 1))
-    return out
+    m = torch.zeros_like(h[..., :1, :])  # (..., 1, D)
+    for s in range(0, T, chunk):
+        c = min(chunk, T - s)
+        out[..., s : s + c, :] = W[:c, :c] @ h[..., s : s + c, :] + carry[:c] * m
+        m = out[..., s + c - 1 : s + c, :]
+    return out / (1 - alpha ** torch.arange(1, T + 1, device=h.device, dtype=h.dtype))[:, None]
 
 
 def window_means(h: torch.Tensor, window: int) -> torch.Tensor:
     """(T, D) -> (ceil(T / window), D): the mean of each window of `window` rows (the last may be shorter)."""
     T = h.shape[0]
     padded = torch.nn.functional.pad(h, (0, 0, 0, -T % window))
-    counts = torch.nn.functional.pad(torch.ones(T), (0, -T % window)).view(-1, window).sum(1, keepdim=True)
+    ones = torch.ones(T, dtype=h.dtype, device=h.device)
+    counts = torch.nn.functional.pad(ones, (0, -T % window)).view(-1, window).sum(1, keepdim=True)
     return padded.view(-1, window, h.shape[1]).sum(1) / counts
+
+
+def state_representation(h: torch.Tensor, prompt_len: int, alpha: float, window: int) -> torch.Tensor:
+    """(P + T, D) last-layer hidden states of a prompt of P tokens and its response -> the rows that prefixes
+    are compared by: the EMA from the first prompt token, then window means, with the windows aligned to the
+    response start: ceil(P / window) prompt windows (the first one may be shorter), then ceil(T / window)
+    response windows (the last one may be shorter). A prefix of p response tokens is the first
+    ceil(P / window) + ceil(p / window) rows; the prompt-only prefix is the prompt's windows."""
+    smooth = ema_smooth(h.float(), alpha)
+    prompt = window_means(smooth[:prompt_len].flip(0), window).flip(0)  # windows counted back from the response
+    return torch.cat([prompt, window_means(smooth[prompt_len:], window)])
 
 
 def min_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,73 +282,90 @@ def min_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def prefix_distances(reps: list[torch.Tensor]) -> torch.Tensor:
-    """MinDistance between every prefix of every sequence and every prefix of every other, at once.
+    """MinDistance between every prefix of every sequence and every prefix of every other, at once, on the
+    device the sequences are on (the model's: batched tensor operations, no loop).
 
     reps: G sequences of shapes (L_g, D). Returns (G, G, L, L), L = max L_g, where [g, h, i - 1, j - 1] is
     min_distance(reps[g][:i], reps[h][:j]) (inf where a prefix does not exist). From one distance tensor M:
     for i >= j, sum over rows r < i of min over columns c < j of M[r, c] (a cumulative minimum along the
     columns, then a cumulative sum along the rows), divided by i; the other way round for i < j.
     """
-    L = max(r.shape[0] for r in reps)
-    lengths = torch.tensor([r.shape[0] for r in reps])
+    dev, G, L = reps[0].device, len(reps), max(r.shape[0] for r in reps)
+    lengths = torch.tensor([r.shape[0] for r in reps], device=dev)
     X = torch.stack([torch.nn.functional.pad(r.float(), (0, 0, 0, L - r.shape[0])) for r in reps])  # (G, L, D)
-    M = torch.cdist(X[:, None], X[None, :])  # (G, G, L, L)
-    valid = torch.arange(L)[None, :] < lengths[:, None]  # (G, L)
+    flat = X.reshape(G * L, -1)  # one (G L, G L) distance matrix: no (G, G, L, D) broadcast copy
+    M = torch.cdist(flat, flat).view(G, L, G, L).transpose(1, 2)  # (G, G, L, L): [g, h, r, c] = |X_g,r - X_h,c|
+    valid = torch.arange(L, device=dev)[None, :] < lengths[:, None]  # (G, L)
     M = M.masked_fill(~(valid[:, None, :, None] & valid[None, :, None, :]), float("inf"))
     rows = torch.cumsum(torch.cummin(M, dim=3).values, dim=2)  # [.., i-1, j-1] = sum_{r<i} min_{c<j} M[r, c]
     cols = torch.cumsum(torch.cummin(M, dim=2).values, dim=3)  # [.., i-1, j-1] = sum_{c<j} min_{r<i} M[r, c]
-    i = torch.arange(1, L + 1, dtype=torch.float32)[:, None]
-    j = torch.arange(1, L + 1, dtype=torch.float32)[None, :]
+    i = torch.arange(1, L + 1, dtype=torch.float32, device=dev)[:, None]
+    j = torch.arange(1, L + 1, dtype=torch.float32, device=dev)[None, :]
     return torch.where(i >= j, rows / i, cols / j)
 
 
 def knn_value(distances: torch.Tensor, rewards: torch.Tensor, k: int, d_min: float) -> float:
     """Distance-weighted k-nearest-neighbour estimate: distances clamped below at d_min, the k nearest kept
-    (all if fewer), weights 1 / d, the weighted mean of their rewards. Infinite distances are not candidates."""
+    (all if fewer), weights 1 / d, the weighted mean of their rewards. Infinite distances are not candidates.
+    Of equally distant candidates the earlier one is kept (the official top-k leaves that order unspecified):
+    every rollout's prompt-only prefix is the same, so those always tie, and so do all below d_min."""
     ok = torch.isfinite(distances)
     d, r = distances[ok].clamp(min=max(d_min, 1e-8)), rewards[ok].float()  # a floor of 0 would divide by 0
-    nearest = torch.topk(d, min(k, len(d)), largest=False).indices
+    nearest = torch.sort(d, stable=True).indices[:k]
     w = 1.0 / d[nearest]
     return float((w * r[nearest]).sum() / w.sum())
 
 
 def linear_k(index: int, num_states: int, k_max: int, k_min: int) -> int:
-    """k for the index-th of num_states states of a response: k_max at the first, k_min at the last."""
-    if num_states <= 1:
-        return k_max
-    return round(k_max + (k_min - k_max) * index / (num_states - 1))
+    """k for the index-th (0-based) of the num_states estimated states of a response, as the official code:
+    k_max - floor((k_max - k_min) / num_states) * index. It falls by equal integer steps, never reaches
+    k_min (the last state gets more than k_min unless the step divides exactly), and stays at k_max for
+    every state when num_states > k_max - k_min."""
+    return k_max - (k_max - k_min) // max(num_states, 1) * index
 
 
-def candidate_prefixes(lengths: list[int], interval: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The neighbour pool of a prompt: every `interval` tokens and the end of each rollout (lengths[g] response
-    tokens), as (rollout index, windows in the prefix) tensors; a prefix of p tokens has ceil(p / window)."""
-    cands = [[-(-p // window) for p in list(range(interval, T, interval)) + [T]] for T in lengths]
+def candidate_prefixes(lengths: list[int], interval: int, window: int,
+                       prompt_windows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbour pool of a prompt: of each rollout (lengths[g] response tokens) its prompt-only prefix
+    (when prompt_windows > 0; the official pool keeps this node too), a prefix every `interval` response
+    tokens, and the whole response; as (rollout index, rows in the prefix) tensors. A prefix of p response
+    tokens has prompt_windows + ceil(p / window) rows (see state_representation)."""
+    first = [0] if prompt_windows > 0 else []
+    cands = [[prompt_windows + math.ceil(p / window) for p in first + list(range(interval, T, interval)) + [T]]
+             for T in lengths]
     return (torch.tensor([g for g, cs in enumerate(cands) for _ in cs]),
             torch.tensor([w for cs in cands for w in cs]))
 
 
-def hista_group_values(hidden: list[torch.Tensor], rewards: list[float], interval: int, alpha: float,
-                       window: int, k_max: int, k_min: int, d_min: float) -> tuple[list[list[float]], list[float]]:
-    """Values of the states of every rollout of one prompt, from their response hidden states.
+def hista_group_values(hidden: list[torch.Tensor], prompt_len: int, rewards: list[float], interval: int,
+                       alpha: float, window: int, k_max: int, k_min: int,
+                       d_min: float) -> tuple[list[list[float]], list[float]]:
+    """Values of the states of every rollout of one prompt, from their hidden states.
 
-    hidden[g]: (T_g, D) last-layer hidden states of rollout g's response tokens. The states of rollout g
-    start at tokens 0, interval, 2 * interval, ... (< T_g); state 0 takes the group mean, the others the
-    kNN estimate. Returns the values and, per estimated state, the distance to its k-th neighbour.
+    hidden[g]: (P + T_g, D) last-layer hidden states of the prompt's P tokens and rollout g's T_g response
+    tokens, on any device (the distances are computed there). The states of rollout g start at response
+    tokens 0, interval, 2 * interval, ... (< T_g); state 0 takes the group mean, the n = ceil(T_g / interval)
+    - 1 others the kNN estimate with k from linear_k. Returns the values and, per estimated state, the
+    distance to its k-th neighbour.
     """
-    reps = [window_means(ema_smooth(h.float(), alpha), window) for h in hidden]  # (ceil(T_g / window), D)
+    dev = hidden[0].device
+    reps = [state_representation(h, prompt_len, alpha, window) for h in hidden]  # (W_p + ceil(T_g / window), D)
     D = prefix_distances(reps)  # (G, G, L, L)
-    R = torch.tensor(rewards)
-    cand_g, cand_w = candidate_prefixes([h.shape[0] for h in hidden], interval, window)
+    R = torch.tensor(rewards, device=dev)
+    lengths = [h.shape[0] - prompt_len for h in hidden]
+    prompt_windows = math.ceil(prompt_len / window)
+    cand_g, cand_w = (t.to(dev) for t in candidate_prefixes(lengths, interval, window, prompt_windows))
     group_mean = float(R.mean())
     values, kth = [], []
-    for g, h in enumerate(hidden):
-        starts = list(range(0, h.shape[0], interval))  # token where each state (segment) starts
+    for g, T in enumerate(lengths):
+        starts = list(range(0, T, interval))  # response token where each state (segment) starts
+        n = len(starts) - 1  # states estimated: all but the first
         row = [group_mean]
         for s in range(1, len(starts)):
-            w = -(-starts[s] // window)
+            w = prompt_windows + math.ceil(starts[s] / window)  # rows of the state's prefix
             dist = D[g, cand_g, w - 1, cand_w - 1]  # (num candidates,)
             dist = torch.where((cand_g == g) & (cand_w > w), torch.full_like(dist, float("inf")), dist)
-            k = linear_k(s, len(starts) + 1, k_max, k_min)  # the terminal state counts in the schedule
+            k = linear_k(s - 1, n, k_max, k_min)
             row.append(knn_value(dist, R[cand_g], k, d_min))
             finite = dist[torch.isfinite(dist)].clamp(min=d_min)
             kth.append(float(finite.sort().values[min(k, len(finite)) - 1]))
@@ -294,23 +395,52 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (group_std(rewards)[:, None] + eps)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def group_scale(std: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(num_prompts,) group reward stds -> the factor of each group's advantages: 1 / (std + eps), as GRPO; but
+    1 for a group whose rewards are all equal (std 0). Its advantages R - V stay as they are (at most 1 in
+    size) instead of growing 10,000-fold: against values from earlier steps they need not be 0."""
+    return torch.where(std > 0, 1 / (std + eps), torch.ones_like(std))
+
+
+def select_prompts(pass_rates: torch.Tensor, keep: int) -> list[int]:
+    """Dynamic sampling (the official recipes' dynamic_sampling_scale): the indices of the `keep` prompts whose
+    pass rate is nearest 0.5, in their drawn order; of equally near ones, the earlier drawn."""
+    nearest = sorted(range(len(pass_rates)), key=lambda i: (abs(float(pass_rates[i]) - 0.5), i))
+    return sorted(nearest[:keep])
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
+    to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
+    a padded position's log-prob can be below -88, whose exp overflows float32 and turns 0 * inf into NaN."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
-    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean.
-    Returns (loss, clip fraction, approx KL(old || new))."""
-    log_ratio = logprobs - old_logprobs
+    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean. Returns
+    (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
+    log-ratio is masked before the exp (see kl_k3)."""
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """Learning-rate factor of optimizer step `opt_step` (0-based) out of `total_steps`: a linear warm-up
+    1/w, 2/w, ..., 1 over the first w = ceil(warmup_ratio * total_steps) steps, then constant (the official
+    recipes, with w = 0), or a linear decay (total - s) / (total - w) towards 0."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if opt_step < warmup:
+        return (opt_step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - opt_step) / max(1, total_steps - warmup))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,35 +483,75 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return Batch(input_ids, attention_mask, position_ids, response_mask, P)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, with_hidden: bool = False):
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, with_hidden: bool = False,
+                      chunk: int = 1024):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]
-    [, last-layer hidden states of the response tokens (B, T, D), from the same forward pass]."""
+    [, last-layer hidden states at every column of the batch, prompt and response, (B, P + T, D) in float32 on
+    the model's device, from the same forward pass].
+
+    Memory-lean: the model computes logits only at the T positions that predict response tokens
+    (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
+    chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
+    gradient) is computed from the same chunks."""
     dev = model.device
-    out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                position_ids=batch.position_ids.to(dev), use_cache=False, output_hidden_states=with_hidden)
     T = batch.response_mask.shape[1]
-    logits = out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
-    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
+    out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1,
+                output_hidden_states=with_hidden)
+    logits = out.logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V) in the compute dtype (bf16 under autocast)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        part, tgt = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, part, tgt, temperature, use_reentrant=False))
+        else:
+            pieces.append(token_logprobs(part, tgt, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.float() / temperature, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
     extra = []
     if with_entropy:
-        with torch.no_grad():
-            extra.append(-(logprobs.exp() * logprobs).sum(-1).cpu())
-    if with_hidden:  # the hidden state at a response token's own position summarises the prefix up to it
-        extra.append(out.hidden_states[-1][:, batch.prompt_width : batch.prompt_width + T].float().cpu())
-    return (token_logprobs, *extra) if extra else token_logprobs
+        extra.append(torch.cat(entropies).view(logits.shape[:2]).cpu())
+    if with_hidden:  # the hidden state at a token's own position summarises the sequence up to it
+        extra.append(out.hidden_states[-1].float())
+    logprobs = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    return (logprobs, *extra) if extra else logprobs
 
 
-def in_micro_batches(fn, batch: Batch, size: int):
-    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated (fn may
-    return a tuple of tensors, each with T as its second dimension)."""
-    T = batch.response_mask.shape[1]
-    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
-    pad = lambda o: torch.nn.functional.pad(o, (0, 0) * (o.dim() - 2) + (0, T - o.shape[1]))  # noqa: E731
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat([pad(o[i]) for o in outs]) for i in range(len(outs[0])))
-    return torch.cat([pad(o) for o in outs])
+def in_micro_batches(fn, batch: Batch, micro_batches):
+    """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
+    put back at their rows; 0 past each micro-batch's own longest response. When `fn` also returns hidden
+    states (b, columns, D), they come back too, as a list of B tensors: row r's (P_r + T_r, D) states at its
+    real tokens (its prompt, then its response), left where `fn` put them (the model's device)."""
+    out = torch.zeros(batch.response_mask.shape)
+    hidden = [None] * out.shape[0]
+    for rows in micro_batches:
+        sub = batch.rows(rows)
+        result = fn(sub)
+        if isinstance(result, tuple):
+            result, states = result
+            real = sub.attention_mask.bool().to(states.device)  # (b, columns): the prompt and response tokens
+            for i, r in enumerate(rows.tolist()):
+                hidden[r] = states[i][real[i]]
+        out[rows, : result.shape[1]] = result.float()
+    return out if hidden[0] is None else (out, hidden)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,6 +586,10 @@ def check_args(args: Args) -> None:
         args.max_new_tokens = 128 if generated else 512
     if args.d_min <= 0 or args.interval < 1 or args.window < 1 or not 0 <= args.ema_alpha < 1:
         raise SystemExit("error: --d-min must be > 0, --interval and --window >= 1, and 0 <= --ema-alpha < 1")
+    if not 1 <= args.k_min <= args.k_max:
+        raise SystemExit("error: need 1 <= --k-min <= --k-max")
+    if args.dynamic_sampling_scale < 1:
+        raise SystemExit("error: --dynamic-sampling-scale must be >= 1 (1: off)")
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
     if args.track:
@@ -438,16 +612,30 @@ def main(args: Args) -> None:
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
+    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
+    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
     # A reference model only when a KL term is asked for (DAPO has none).
-    reference = load_model(args.model, device=device).eval().requires_grad_(False) if args.kl_coef > 0 else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False) \
+        if args.kl_coef > 0 else None
+    # AdamW with TRL's defaults (eps 1e-8, no weight decay), which the official recipes keep, and their
+    # constant learning rate (no warm-up), over the run's optimizer steps: num_steps x num_epochs x minibatches.
+    total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
+    schedule = lambda s: lr_multiplier(s, total_opt_steps, args.warmup_ratio, args.lr_decay)  # noqa: E731
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
     generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                                batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed)
+                               seed=args.seed, max_model_len=args.vllm_max_model_len,
+                               enforce_eager=args.vllm_enforce_eager)
 
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -473,19 +661,26 @@ def main(args: Args) -> None:
     for step in progress:
         t_step = time.time()
 
-        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each.
-        first = ((step - 1) * args.num_prompts) % len(train_problems)
-        problems = [train_problems[(first + i) % len(train_problems)] for i in range(args.num_prompts)]
+        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each (with dynamic
+        #     sampling, dynamic_sampling_scale times as many prompts).
+        drawn = args.num_prompts * args.dynamic_sampling_scale
+        first = ((step - 1) * drawn) % len(train_problems)
+        problems = [train_problems[(first + i) % len(train_problems)] for i in range(drawn)]
         prompts = [prompt_ids(tokenizer, p.question) for p in problems]
         t0 = time.time()
         outs = generator.generate(prompts, n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed * 100_003 + step)
-        completions = [c for row in outs for c in row]  # (B,) prompt-major: sample j of prompt i at i*K + j
         t_gen = time.time() - t0
 
-        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
-        answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
-        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response. Dynamic sampling keeps the
+        #     num_prompts groups whose pass rate is nearest 0.5 (all of them when the scale is 1).
+        G = args.samples_per_prompt
+        drawn_scores = torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row],
+                                                     [p.answer] * G) for p, row in zip(problems, outs)])  # (drawn, G)
+        keep = select_prompts(drawn_scores.mean(1), args.num_prompts)
+        problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
+        completions = [c for i in keep for c in outs[i]]  # (B,) prompt-major: sample j of prompt i at i*G + j
+        scores = drawn_scores[keep].flatten()  # (B,)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask  # (B, T)
@@ -493,71 +688,83 @@ def main(args: Args) -> None:
 
         # 2.3 Hista's own part: old log-probs AND last-layer hidden states from the same forward pass (plus the
         #     reference's log-probs if a KL is asked for), then per-segment advantages.
+        # The micro-batches are fixed once per step: these no-grad passes and every epoch of the update see
+        # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
+        # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
+        generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
+        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
-            outs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature, with_hidden=not args.no_hista),
-                                    batch, args.micro_batch_size)
-            old_logprobs, hidden = outs if not args.no_hista else (outs, None)  # (B, T), (B, T, D)
+            forward = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature,
+                                                                   with_hidden=not args.no_hista), batch, micro_batches)
+            old_logprobs, hidden = forward if not args.no_hista else (forward, None)  # (B, T); B x (P + T_b, D)
             old_logprobs = old_logprobs * mask
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask if reference is not None else None
+                                            micro_batches) * mask if reference is not None else None
         t_ref = time.time() - t0
         t0 = time.time()
-        std = group_std(scores.view(args.num_prompts, args.samples_per_prompt))  # (num_prompts,)
+        std = group_std(scores.view(args.num_prompts, G))  # (num_prompts,)
         if args.no_hista:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
-            per_sample = grpo_advantages(scores.view(args.num_prompts, args.samples_per_prompt)).flatten()  # (B,)
+            per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
             advantages = per_sample[:, None] * mask  # (B, T)
             hista_stats = {}
         else:
+            scale = group_scale(std)  # (num_prompts,)
             advantages = torch.zeros_like(mask)  # (B, T)
             kth_distances, states_per_response = [], []
-            G = args.samples_per_prompt
             for p in range(args.num_prompts):
-                #   a-c. kNN values of every state of every rollout of this prompt (state 0: the group mean)
+                #   a-c. kNN values of every state of every rollout of this prompt (state 0: the group mean),
+                #        from the hidden states of the prompt and each response, on the model's device
                 group = range(p * G, (p + 1) * G)
                 values, kth = hista_group_values(
-                    [hidden[b, : int(lengths[b])] for b in group], scores[p * G : (p + 1) * G].tolist(),
+                    [hidden[b] for b in group], len(prompts[p]), scores[p * G : (p + 1) * G].tolist(),
                     args.interval, args.ema_alpha, args.window, args.k_max, args.k_min, args.d_min)
                 kth_distances += kth
-                #   d. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std
+                #   d. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std (or
+                #      1 where the group's rewards are all equal, see group_scale)
                 for b, row in zip(group, values):
                     seg_adv = segment_advantages(row, float(scores[b]), args.lam)
                     segment = torch.arange(int(lengths[b])) // args.interval  # (T_b,) segment of each token
-                    advantages[b, : int(lengths[b])] = torch.tensor(seg_adv)[segment] / (std[p] + 1e-4)
+                    advantages[b, : int(lengths[b])] = torch.tensor(seg_adv)[segment] * scale[p]
                     states_per_response.append(len(row) + 1)  # + the terminal state
-            windows = -(-int(lengths.max()) // args.window)
+            windows = math.ceil(max(map(len, prompts)) / args.window) + math.ceil(int(lengths.max()) / args.window)
             hista_stats = {
                 "hista/states_per_response": np.mean(states_per_response),
                 "hista/kth_neighbour_distance": np.mean(kth_distances) if kth_distances else float("nan"),
-                # the float32 tensors the estimate holds at its peak: the batch's hidden states, and one
-                # prompt's (G, G, L, L) distance tensor with its cumulative min / sum companions (5 of them)
-                "hista/memory_mb": (hidden.numel() + 5 * G**2 * windows**2) * 4 / 2**20,
+                # the float32 tensors the estimate holds at its peak: the batch's hidden states, and one prompt's
+                # (G, G, L, L) distance tensor with its cumulative min (values and int64 indices) / sum companions
+                "hista/memory_mb": (sum(h.numel() for h in hidden) + 8 * G**2 * windows**2) * 4 / 2**20,
             }
+            del hidden
         t_hista = time.time() - t0
 
-        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
+        # partition, in a new random order every epoch, with gradients accumulated over them.
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
         accumulation = args.minibatch_size // args.micro_batch_size
+        skipped = 0
+        lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
-            order = torch.randperm(args.batch_size)
-            for mb_start in range(0, args.batch_size, args.minibatch_size):
-                mb = order[mb_start : mb_start + args.minibatch_size]
-                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
-                for micro in mb.split(args.micro_batch_size):
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
-                                                                       m, args.clip_eps_low, args.clip_eps_high)
-                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean() if reference is not None \
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
+                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps_low, args.clip_eps_high)
+                        kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else torch.zeros(())  # summed per sequence
+                    if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
+                        skipped += 1
+                        continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation.
                     (pg_loss * weight + args.kl_coef * kl / accumulation).backward()
@@ -566,24 +773,28 @@ def main(args: Args) -> None:
                         stats[k].append(float(v.detach()))
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_opt.step()
+                policy_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
         generator.sync_weights(policy)
         t_update = time.time() - t0
 
-        # 2.5 Log; evaluate every eval_every steps.
+        # 2.5 Log; evaluate every eval_every steps. reward_mean is over every drawn prompt (the policy's own
+        # pass rate); the other statistics are over the trained batch.
         kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1).mean() if reference is not None else 0.0
         step_time = time.time() - t_step
         logs = {
-            "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
+            "charts/reward_mean": drawn_scores.mean(), "charts/response_length": lengths.float().mean(),
             "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
-            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "charts/step_time": step_time, "charts/learning_rate": lr,
             "losses/policy_loss": np.mean(stats["policy_loss"]),
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
-            "losses/kl_ref_k1": kl_k1,
+            "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/hista": t_hista, "time/update": t_update,
             "hista/time_share": t_hista / step_time, **hista_stats,
         }
+        if args.dynamic_sampling_scale > 1:
+            logs["charts/kept_reward_mean"] = scores.mean()
         for k, v in logs.items():
             writer.add_scalar(k, float(v), step)
         history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
@@ -592,7 +803,7 @@ def main(args: Args) -> None:
         if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

@@ -10,15 +10,46 @@ reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28), token-level mea
 `--no-numca` gives plain GRPO/DAPO from the same file: every token gets (R - group mean) / (std + 1e-4).
 
 Choices and departures (shared/docs/ALGORITHMS.md sections 4 and 5; official code VOXXXX1874/Hista):
-- As in the official code, the table is updated with the whole batch BEFORE advantages are read, so a
-  rollout's own reward is part of every value it is scored against (a state only it reached has V = R,
-  hence advantage 0 from there on).
-- As in the official code, a milestone is the position where a number starts; a token belongs to the
-  new segment only if it starts after that character (the token holding the number's first character
-  is still scored against the previous state); milestones closer than `--min-gap` characters merge
-  into the later one, with the later state. The final number (the answer) is not a milestone.
+- As in the official code (Numca_dict.update), the table counts every state a response passes through,
+  unmerged: the empty set, then the set of distinct numbers after each new number. Merging close
+  milestones (below) only decides which of those states a response READS. The table is updated with the
+  whole batch BEFORE advantages are read, so a rollout's own reward is part of every value it is scored
+  against (a state only it reached has V = R, hence advantage 0 from there on).
+- Milestones in TOKENS, as in the official training code: a milestone is where a new number starts; the
+  token after the one that holds its first character opens the new segment (the official offset mapping's
+  token index + 1), so the token holding the number is still scored against the previous state.
+  Milestones closer than `--min-gap-tokens` tokens merge into the later one, with the later state. The
+  final number (the answer) is not a milestone. Token boundaries come from decoding the sampled tokens
+  (token_char_ends); the official code re-tokenizes the text with offsets, which agrees unless the
+  re-tokenization differs from the sampled tokens. The SVEB read-out (sveb_eval.py) merges in characters,
+  as the official SVEB script does (number_milestones).
+- `--min-gap-tokens 20` (the official code: 50, for responses of thousands of tokens). Measured on 64
+  rollouts of the default model (8 arithmetic prompts x 8, T = 0.6: 56 tokens, 2.5 characters per token
+  and 3.1 distinct numbers before the answer per response): 50 tokens leaves 1.3 milestones per response,
+  most responses read one state besides the empty set; 20 tokens, the span of the 50 characters this file
+  merged at before, leaves 1.8; 0 leaves 3.1.
 - Numbers are digit runs with their decimals and thousands separators ("1,234.5" is one number,
   written "1234.5"); the official code takes bare digit runs (`[0-9]+`), which splits "3.5" in two.
+- A group whose rewards are all equal (std 0) keeps its advantages R - V undivided (group_scale). The
+  official code divides them by std + 1e-4 like any other group: harmless the first time a prompt is seen
+  (every state then has V = R, so R - V = 0), but the table lives for the run, and a prompt seen again
+  got (R - V) / 1e-4, e.g. -1,000 on every token for R - V = -0.1. Undivided they stay within [-1, 1], the
+  scale of a normalised advantage.
+- `--dynamic-sampling-scale 2` draws twice the prompts and keeps the half whose pass rate is nearest 0.5,
+  as both official recipes do (for the GRPO baseline too). Off by default: it doubles the generation, the
+  largest part of a CPU step.
+- Optimizer as the official recipes: TRL's AdamW defaults (eps 1e-8, no weight decay) and a constant
+  learning rate without warm-up (flags: --adam-eps, --weight-decay, --warmup-ratio, --lr-decay).
+- KL and ratio safety: with --kl-coef > 0 (DAPO has none) the per-token k3 is clamped to [0, 10];
+  log-ratios are masked before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped
+  and counted (losses/skipped), a guard of this repository's shared template (VinePPO's code; TRL has none).
+- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes and
+  every epoch of the update run exactly those micro-batches (epochs shuffle their order), so at unchanged
+  weights the update's log-probs equal the old ones bit for bit and clipfrac / approx_kl / kl_ref_k3
+  measure only the update. The price: the no-grad passes use the update's micro-batch size.
+- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
+  autograd); gradient checkpointing on CUDA by default; a reference model only with --kl-coef > 0, in
+  bfloat16 on CUDA (float32 on the CPU, so that it reproduces the policy's log-probs exactly at step 0).
 - Defaults sized for the offline CPU run: 4 prompts x 8 samples, lr 1e-5, one pass of 4 minibatches
   (the recipe's "4 PPO iterations"), T = 0.6 (the recipe: lr 1e-6, T = 0.7 on Qwen2.5-Math-1.5B).
   The default task stays `arithmetic`: its responses restate the operands and write intermediate and
@@ -32,9 +63,10 @@ Run:  python numca.py                                                        # C
 
 from __future__ import annotations
 
-import contextlib
 import bisect
+import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -47,6 +79,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -78,8 +111,8 @@ class Args:
     """cpu, cuda, or auto (cuda when available)"""
     bf16: bool = True
     """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 4
     """prompts per iteration"""
     samples_per_prompt: int = 8
@@ -100,6 +133,16 @@ class Args:
     """sequences per generate call of the hf backend"""
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (TRL's default, which the official recipes keep; 1e-5 shrinks an LLM's tiny per-parameter steps)"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (TRL's default, which the official recipes keep: 0)"""
+    warmup_ratio: float = 0.0
+    """share of the run's optimizer steps (over --num-steps) with a linear learning-rate warm-up from 0 (the
+    official recipes: none)"""
+    lr_decay: Literal["linear", "constant"] = "constant"
+    """after the warm-up: constant (the official recipes' lr_scheduler_type), or linear decay towards 0 at
+    --num-steps. With --max-minutes the schedule still spans --num-steps: a run stopped early ends above 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_train_problems: int = 10_000
@@ -120,12 +163,16 @@ class Args:
     """wandb project name (with --track)"""
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
+    vllm_max_model_len: int | None = None
+    """vLLM's context length in tokens (None: the model's own limit)"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 
     # ---- algorithm specific arguments ----
     no_numca: bool = False
     """plain GRPO/DAPO: every token gets the group-normalised outcome advantage (the paper's baseline)"""
-    min_gap: int = 50
-    """milestones closer than this many characters are merged into the later one"""
+    min_gap_tokens: int = 20
+    """milestones closer than this many TOKENS are merged into the later one (the official code: 50)"""
     lam: float = 1.0
     """lambda of the GAE-style pass over segments (1.0: R - V(state of the segment))"""
     max_table_states: int | None = None
@@ -135,7 +182,13 @@ class Args:
     clip_eps_high: float = 0.28
     """PPO ratio clip above 1 (DAPO's clip-higher)"""
     kl_coef: float = 0.0
-    """coefficient of a k3 KL to the reference in the loss (0: no reference model is loaded)"""
+    """coefficient of a k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence;
+    0: no reference model is loaded)"""
+    max_ratio: float = 10.0
+    """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    dynamic_sampling_scale: int = 1
+    """draw this many times --num-prompts prompts and train on the --num-prompts whose pass rate is nearest 0.5
+    (the official recipes: 2; 1: off). Applies to the GRPO baseline too"""
 
     # ---- computed at runtime ----
     batch_size: int = 0
@@ -143,7 +196,7 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# The algorithm's pure functions: each is tested on its own in tests/test_numca.py.
 # Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
 # ---------------------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -160,23 +213,39 @@ def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) 
 NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
 
 
-def number_milestones(text: str, min_gap: int = 50) -> list[tuple[int, frozenset[str]]]:
-    """Where each new segment of `text` starts, and its state: the set of distinct numbers written so far.
+def parse_numbers(text: str) -> list[tuple[int, str]]:
+    """(character where it starts, the number) for every number of `text` but the last (the final answer is
+    not a milestone). Numbers are kept as written, without thousands separators: "1,234" -> "1234"."""
+    return [(m.start(), m.group().replace(",", "")) for m in list(NUMBER.finditer(text))[:-1]]
 
-    A milestone is the character where a number not seen before starts; the last number of the text (the
-    final answer) is not one. Milestones closer than `min_gap` characters are merged into the later one,
-    which carries the later (larger) state. The first segment, from character 0 with the empty state, is
-    implied. Numbers are kept as written, without thousands separators: "1,234" -> "1234".
+
+def number_states(text: str) -> list[frozenset[str]]:
+    """Every state a response passes through, unmerged: the empty set, then the set of distinct numbers after
+    each new number. This is what the table counts (the official Numca_dict.update); merging milestones only
+    decides which of these states a response READS."""
+    states, seen = [frozenset()], set()
+    for _, number in parse_numbers(text):
+        if number not in seen:
+            seen.add(number)
+            states.append(frozenset(seen))
+    return states
+
+
+def merge_milestones(positions: list[int], numbers: list[str], min_gap: int) -> list[tuple[int, frozenset[str]]]:
+    """The milestones a response reads: where each new segment starts, and its state (the set of distinct
+    numbers written so far), in the unit of `positions` (characters or tokens; one per number of `numbers`).
+
+    Positions closer than `min_gap` are merged into the later one, going backwards (so a run of close numbers
+    moves to its last), and a merged milestone carries the later (larger) state; a repeated number does not
+    change the state. The first segment, from position 0 with the empty state, is implied.
     """
-    matches = list(NUMBER.finditer(text))[:-1]  # the final answer is not a milestone
-    positions = [m.start() for m in matches]
+    positions = list(positions)
     for i in range(len(positions) - 2, -1, -1):  # merge backwards: a close pair moves to the later one
         if positions[i + 1] - positions[i] < min_gap:
             positions[i] = positions[i + 1]
     milestones: list[tuple[int, frozenset[str]]] = []
     seen: set[str] = set()
-    for m, position in zip(matches, positions):
-        number = m.group().replace(",", "")
+    for number, position in zip(numbers, positions):
         if number in seen:
             continue  # a repeated number does not change the state
         seen.add(number)
@@ -185,6 +254,13 @@ def number_milestones(text: str, min_gap: int = 50) -> list[tuple[int, frozenset
         else:
             milestones.append((position, frozenset(seen)))
     return milestones
+
+
+def number_milestones(text: str, min_gap: int = 50) -> list[tuple[int, frozenset[str]]]:
+    """Milestones of `text` in CHARACTERS: the character where each new number starts (the final answer
+    excluded), merged when closer than `min_gap` characters (what the official SVEB script does)."""
+    numbers = parse_numbers(text)
+    return merge_milestones([p for p, _ in numbers], [n for _, n in numbers], min_gap)
 
 
 class NumcaTable:
@@ -241,41 +317,91 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (group_std(rewards)[:, None] + eps)
 
 
+def group_scale(std: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(num_prompts,) group reward stds -> the factor of each group's advantages: 1 / (std + eps), as GRPO; but
+    1 for a group whose rewards are all equal (std 0). Its advantages R - V stay as they are (at most 1 in
+    size) instead of growing 10,000-fold: against values from earlier steps they need not be 0."""
+    return torch.where(std > 0, 1 / (std + eps), torch.ones_like(std))
+
+
+def select_prompts(pass_rates: torch.Tensor, keep: int) -> list[int]:
+    """Dynamic sampling (the official recipes' dynamic_sampling_scale): the indices of the `keep` prompts whose
+    pass rate is nearest 0.5, in their drawn order; of equally near ones, the earlier drawn."""
+    nearest = sorted(range(len(pass_rates)), key=lambda i: (abs(float(pass_rates[i]) - 0.5), i))
+    return sorted(nearest[:keep])
+
+
 def token_char_ends(tokenizer, token_ids: list[int]) -> list[int]:
-    """For each token, the length of the decoded text up to and including it (capped, non-decreasing)."""
-    text_len = len(tokenizer.decode(token_ids, skip_special_tokens=True))
+    """For each token, the length of the decoded text up to and including it (capped at the whole text's
+    length, non-decreasing): len(decode(token_ids[: i + 1])), computed in linear time.
+
+    Decoding every prefix costs O(T^2). Instead, the length at token i is the length at the last clean point s
+    (a prefix whose decoded text did not end in U+FFFD, the mark of a half-decoded UTF-8 character) plus what
+    tokens s .. i add, decoded with token s - 1 in front as context and minus that context's own length (a
+    SentencePiece decode drops the leading space of its first token: the context takes that loss in both
+    terms). A multi-byte character split across tokens keeps the window open until it is complete.
+    """
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    text_len = len(decode(token_ids))
     ends, last = [], 0
+    clean, clean_len, context_len = 0, 0, 0  # the last clean point s, len(decode(ids[:s])), len(decode(ids[s-1:s]))
     for i in range(len(token_ids)):
-        # decoding a prefix can end in half a UTF-8 character (one replacement char): cap and keep monotone
-        last = max(last, min(text_len, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))))
+        context = max(clean - 1, 0)
+        piece = decode(token_ids[context : i + 1])
+        length = clean_len + len(piece) - context_len
+        # a prefix can end in half a UTF-8 character (a replacement char): cap and keep monotone
+        last = max(last, min(text_len, length))
         ends.append(last)
+        if not piece.endswith("\ufffd"):
+            clean, clean_len, context_len = i + 1, length, len(decode(token_ids[i : i + 1]))
     return ends
 
 
-def token_segment_index(token_ends: list[int], milestone_positions: list[int]) -> list[int]:
-    """The segment of each token: the number of milestones at characters strictly before its first one.
-    A token starts where the previous one ends; segment 0 is the implied empty-state segment."""
-    starts = [0] + token_ends[:-1]
-    return [bisect.bisect_left(milestone_positions, start) for start in starts]
+def milestone_tokens(token_ends: list[int], char_positions: list[int]) -> list[int]:
+    """Character milestones -> token milestones: the token after the one that holds the character (the first
+    token whose text ends past it) starts the new segment, as the official code's offset mapping does. A token
+    that starts exactly at a number holds it, so it is still scored against the previous state."""
+    return [min(bisect.bisect_right(token_ends, c) + 1, len(token_ends)) for c in char_positions]
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def token_segments(num_tokens: int, milestone_positions: list[int]) -> list[int]:
+    """The segment of each of `num_tokens` tokens: how many (token) milestones are at or before it; segment
+    0 is the implied empty-state segment."""
+    return [bisect.bisect_right(milestone_positions, t) for t in range(num_tokens)]
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
+    to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
+    a padded position's log-prob can be below -88, whose exp overflows float32 and turns 0 * inf into NaN."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
-    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean.
-    Returns (loss, clip fraction, approx KL(old || new))."""
-    log_ratio = logprobs - old_logprobs
+    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean. Returns
+    (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
+    log-ratio is masked before the exp (see kl_k3)."""
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """Learning-rate factor of optimizer step `opt_step` (0-based) out of `total_steps`: a linear warm-up
+    1/w, 2/w, ..., 1 over the first w = ceil(warmup_ratio * total_steps) steps, then constant (the official
+    recipes, with w = 0), or a linear decay (total - s) / (total - w) towards 0."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if opt_step < warmup:
+        return (opt_step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - opt_step) / max(1, total_steps - warmup))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,28 +444,52 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return Batch(input_ids, attention_mask, position_ids, response_mask, P)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
-    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
+
+    Memory-lean: the model computes logits only at the T positions that predict response tokens
+    (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
+    chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
+    gradient) is computed from the same chunks."""
     dev = model.device
+    T = batch.response_mask.shape[1]
+    # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
     logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
-    T = batch.response_mask.shape[1]
-    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
-    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+                   position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V) in the compute dtype (bf16 under autocast)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        part, tgt = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, part, tgt, temperature, use_reentrant=False))
+        else:
+            pieces.append(token_logprobs(part, tgt, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.float() / temperature, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
     if not with_entropy:
-        return token_logprobs
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
-    return token_logprobs, entropy
+        return out
+    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
 
 
-def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
-    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
-    T = batch.response_mask.shape[1]
-    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
-    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
+    """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
+    put back at their rows; 0 past each micro-batch's own longest response."""
+    out = torch.zeros(batch.response_mask.shape)
+    for rows in micro_batches:
+        result = fn(batch.rows(rows))
+        out[rows, : result.shape[1]] = result.float()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +522,10 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
+    if args.min_gap_tokens < 0:
+        raise SystemExit("error: --min-gap-tokens must be >= 0")
+    if args.dynamic_sampling_scale < 1:
+        raise SystemExit("error: --dynamic-sampling-scale must be >= 1 (1: off)")
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
     if args.track:
@@ -394,17 +548,31 @@ def main(args: Args) -> None:
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
+    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
+    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
     # A reference model only when a KL term is asked for (DAPO has none).
-    reference = load_model(args.model, device=device).eval().requires_grad_(False) if args.kl_coef > 0 else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False) \
+        if args.kl_coef > 0 else None
+    # AdamW with TRL's defaults (eps 1e-8, no weight decay), which the official recipes keep, and their
+    # constant learning rate (no warm-up), over the run's optimizer steps: num_steps x num_epochs x minibatches.
+    total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
+    schedule = lambda s: lr_multiplier(s, total_opt_steps, args.warmup_ratio, args.lr_decay)  # noqa: E731
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
     table = NumcaTable(args.max_table_states)
     generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                                batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed)
+                               seed=args.seed, max_model_len=args.vllm_max_model_len,
+                               enforce_eager=args.vllm_enforce_eager)
 
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -430,58 +598,79 @@ def main(args: Args) -> None:
     for step in progress:
         t_step = time.time()
 
-        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each.
-        first = ((step - 1) * args.num_prompts) % len(train_problems)
-        problems = [train_problems[(first + i) % len(train_problems)] for i in range(args.num_prompts)]
+        # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each (with dynamic
+        #     sampling, dynamic_sampling_scale times as many prompts).
+        drawn = args.num_prompts * args.dynamic_sampling_scale
+        first = ((step - 1) * drawn) % len(train_problems)
+        problems = [train_problems[(first + i) % len(train_problems)] for i in range(drawn)]
         prompts = [prompt_ids(tokenizer, p.question) for p in problems]
         t0 = time.time()
         outs = generator.generate(prompts, n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed * 100_003 + step)
-        completions = [c for row in outs for c in row]  # (B,) prompt-major: sample j of prompt i at i*K + j
         t_gen = time.time() - t0
 
-        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
-        answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
-        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response. Dynamic sampling keeps the
+        #     num_prompts groups whose pass rate is nearest 0.5 (all of them when the scale is 1).
+        G = args.samples_per_prompt
+        drawn_scores = torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row],
+                                                     [p.answer] * G) for p, row in zip(problems, outs)])  # (drawn, G)
+        keep = select_prompts(drawn_scores.mean(1), args.num_prompts)
+        problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
+        completions = [c for i in keep for c in outs[i]]  # (B,) prompt-major: sample j of prompt i at i*G + j
+        scores = drawn_scores[keep].flatten()  # (B,)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask  # (B, T)
         lengths = mask.sum(1).long()  # (B,)
 
         # 2.3 Numca's own part: old log-probs (and the reference's), then per-segment advantages.
+        # The micro-batches are fixed once per step: these no-grad passes and every epoch of the update see
+        # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
+        # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
+        generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
+        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
             old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
+                                            micro_batches) * mask  # (B, T)
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask if reference is not None else None
+                                            micro_batches) * mask if reference is not None else None
         t_ref = time.time() - t0
         t0 = time.time()
-        std = group_std(scores.view(args.num_prompts, args.samples_per_prompt))  # (num_prompts,)
+        std = group_std(scores.view(args.num_prompts, G))  # (num_prompts,)
         if args.no_numca:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
-            per_sample = grpo_advantages(scores.view(args.num_prompts, args.samples_per_prompt)).flatten()  # (B,)
+            per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
             advantages = per_sample[:, None] * mask  # (B, T)
             numca_stats = {}
         else:
-            #   a. milestones of every response: where a new number starts, and the set of numbers so far
-            ids = [p.question for p in problems for _ in range(args.samples_per_prompt)]  # prompt id per sample
-            milestones = [number_milestones(c.text, args.min_gap) for c in completions]
-            paths = [[frozenset()] + [state for _, state in ms] for ms in milestones]
+            #   a. the numbers of every response (but the final answer) and the character where each starts
+            ids = [p.question for p in problems for _ in range(G)]  # prompt id per sample
+            numbers = [parse_numbers(c.text) for c in completions]
+            #   b. the milestones each response reads, in tokens: the token after the one that holds a new
+            #      number's first character opens a segment; milestones closer than --min-gap-tokens merge
+            #      into the later one, with the later state
+            milestones = []  # per response: (token that opens the segment, state)
+            for c, nums in zip(completions, numbers):
+                positions = milestone_tokens(token_char_ends(tokenizer, c.token_ids), [pos for pos, _ in nums])
+                milestones.append(merge_milestones(positions, [n for _, n in nums], args.min_gap_tokens))
+            paths = [[frozenset()] + [state for _, state in ms] for ms in milestones]  # states read, per response
             seen_before = [[table.count(i, state) > 0 for state in path] for i, path in zip(ids, paths)]
-            #   b. the whole batch goes into the run-long table first (as in the official code)
-            for i, path, reward in zip(ids, paths, scores.tolist()):
-                table.update(i, path, reward)
-            #   c. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std
+            #   c. the whole batch goes into the run-long table first (as in the official code), each response
+            #      with every distinct-number prefix set it passed through, unmerged
+            for i, c, reward in zip(ids, completions, scores.tolist()):
+                table.update(i, number_states(c.text), reward)
+            #   d. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std (or
+            #      1 where the group's rewards are all equal, see group_scale)
+            scale = group_scale(std)  # (num_prompts,)
             advantages = torch.zeros_like(mask)  # (B, T)
             seen_tokens = 0
             for b, (c, ms, path) in enumerate(zip(completions, milestones, paths)):
                 values = [table.value(ids[b], state) for state in path]
                 seg_adv = segment_advantages(values, float(scores[b]), args.lam)
-                segment = token_segment_index(token_char_ends(tokenizer, c.token_ids), [pos for pos, _ in ms])
-                advantages[b, : len(segment)] = torch.tensor([seg_adv[j] for j in segment])
-                advantages[b] /= std[b // args.samples_per_prompt] + 1e-4
+                segment = token_segments(len(c.token_ids), [pos for pos, _ in ms])  # (T_b,) segment of each token
+                advantages[b, : len(segment)] = torch.tensor(seg_adv)[segment] * scale[b // G]
                 seen_tokens += sum(seen_before[b][j] for j in segment)
             numca_stats = {
                 "numca/milestones_per_response": np.mean([len(ms) for ms in milestones]),
@@ -491,27 +680,31 @@ def main(args: Args) -> None:
             }
         t_numca = time.time() - t0
 
-        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
+        # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
+        # partition, in a new random order every epoch, with gradients accumulated over them.
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
         accumulation = args.minibatch_size // args.micro_batch_size
+        skipped = 0
+        lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
-            order = torch.randperm(args.batch_size)
-            for mb_start in range(0, args.batch_size, args.minibatch_size):
-                mb = order[mb_start : mb_start + args.minibatch_size]
-                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
-                for micro in mb.split(args.micro_batch_size):
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
-                                                                       m, args.clip_eps_low, args.clip_eps_high)
-                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean() if reference is not None \
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
+                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps_low, args.clip_eps_high)
+                        kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else torch.zeros(())  # summed per sequence
+                    if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
+                        skipped += 1
+                        continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation.
                     (pg_loss * weight + args.kl_coef * kl / accumulation).backward()
@@ -520,24 +713,28 @@ def main(args: Args) -> None:
                         stats[k].append(float(v.detach()))
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_opt.step()
+                policy_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
         generator.sync_weights(policy)
         t_update = time.time() - t0
 
-        # 2.5 Log; evaluate every eval_every steps.
+        # 2.5 Log; evaluate every eval_every steps. reward_mean is over every drawn prompt (the policy's own
+        # pass rate); the other statistics are over the trained batch.
         kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1).mean() if reference is not None else 0.0
         step_time = time.time() - t_step
         logs = {
-            "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
+            "charts/reward_mean": drawn_scores.mean(), "charts/response_length": lengths.float().mean(),
             "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
-            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "charts/step_time": step_time, "charts/learning_rate": lr,
             "losses/policy_loss": np.mean(stats["policy_loss"]),
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
-            "losses/kl_ref_k1": kl_k1,
+            "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/numca": t_numca, "time/update": t_update,
             "numca/time_share": t_numca / step_time, **numca_stats,
         }
+        if args.dynamic_sampling_scale > 1:
+            logs["charts/kept_reward_mean"] = scores.mean()
         for k, v in logs.items():
             writer.add_scalar(k, float(v), step)
         history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
@@ -546,7 +743,7 @@ def main(args: Args) -> None:
         if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

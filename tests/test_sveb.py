@@ -1,22 +1,26 @@
-"""sveb_eval.py: the cut, fields and tiers, the error arithmetic, each estimator's adapter on synthetic problems
-with known answers, the build's file (round trip, resume, interruption) and the whole script end to end."""
+"""sveb_eval.py: the cut, the population and tiers, fields, MCS@k, the error arithmetic, each estimator's adapter on
+synthetic problems with known answers, the paper's critic protocol piece by piece, the build's file (round trip,
+resume, interruption, refusal) and the whole script end to end."""
 
 import contextlib
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import prime_implicit_prm as prime
 import sveb_eval
 from conftest import run_script
 from hista import hista_group_values
-from sveb_eval import (Args, choose_cut, correlation, critic_state_values, grpo_value, hista_value, mae_with_se,
-                       new_numbers, numca_value, paired_difference, pass_tier, problem_field, prm_state_values,
-                       tokens_before)
+from sveb_eval import (Args, BestCheckpoint, CriticOnHidden, choose_cut, correlation, cosine_lr_multiplier,
+                       critic_problem, critic_state_values, critic_values, grpo_value, heldout_split, hista_value,
+                       mae_with_se, masked_mse, mcs_value, new_numbers, numca_value, paired_difference, pass_tier,
+                       problem_field, prm_state_values, tokens_before, value_targets)
 
 
 # ---- the cut ----
@@ -53,7 +57,69 @@ def test_cut_lands_on_a_token_boundary_with_the_real_tokenizer(tokenizer):
             assert tokenizer.decode(ids[:t]) == text[:i]  # the state is exactly the text before the space
 
 
-# ---- fields, tiers, statistics ----
+# ---- population, tiers, training filters, the split ----
+def test_pass_tier_boundaries_exactly_as_the_paper():
+    # (0.07, 0.17] -> "0717", (0.17, 0.37] -> "1737", (0.37, 0.77] -> "3777"; lower ends open, upper ends closed
+    assert pass_tier(0.07) is None and pass_tier(0.0) is None
+    assert pass_tier(0.0700001) == "0717" and pass_tier(0.17) == "0717"
+    assert pass_tier(0.1700001) == "1737" and pass_tier(0.37) == "1737"
+    assert pass_tier(0.3700001) == "3777" and pass_tier(0.77) == "3777"
+    assert pass_tier(0.7700001) is None and pass_tier(1.0) is None
+    # with the paper's 20 pre-samples: k right out of 20
+    tiers = [pass_tier(k / 20) for k in range(21)]
+    assert tiers == [None, None] + ["0717"] * 2 + ["1737"] * 4 + ["3777"] * 8 + [None] * 5
+
+
+def test_critic_problem_filter():
+    # (0, 0.77]: problems with some right answer, not too easy
+    assert [critic_problem(p) for p in (0.0, 0.05, 0.5, 0.77, 0.8, 1.0)] == [False, True, True, True, False, False]
+
+
+def test_heldout_split():
+    train, held = heldout_split(20, 0.2, seed=3)
+    assert len(train) == 16 and len(held) == 4 and sorted(train + held) == list(range(20))
+    assert heldout_split(20, 0.2, seed=3) == (train, held)  # seeded
+    assert heldout_split(20, 0.2, seed=4) != (train, held)
+    assert [len(x) for x in heldout_split(2, 0.2, 0)] == [1, 1]  # at least one on each side
+    assert [len(x) for x in heldout_split(4, 0.2, 0)] == [3, 1]  # (the official len // 5 * 4 would train on none)
+    assert [len(x) for x in heldout_split(29, 0.2, 0)] == [23, 6]
+
+
+def test_training_sets_apply_each_estimators_filter():
+    def problem(index, right):  # 10 pre-samples, `right` of them correct
+        return {"index": index, "prompt_ids": [index], "pass_rate": right / 10,
+                "responses": [{"token_ids": [j], "reward": float(j < right)} for j in range(10)]}
+
+    train = [problem(i, right) for i, right in enumerate([0, 1, 2, 5, 8, 9, 10])]
+    sets = sveb_eval.training_sets(train, Args(seed=0))
+    # PPO-1: pass rate in (0, 0.77]: 0.1, 0.2, 0.5 -> 3 problems; PRIME: [0.2, 0.8]: 0.2, 0.5, 0.8 -> 3 problems
+    assert sets["critic_problems"] == 3 and sets["prm_problems"] == 3
+    assert {r["prompt_ids"][0] for r in sets["critic_train"] + sets["critic_heldout"]} == {1, 2, 3}
+    assert not {r["prompt_ids"][0] for r in sets["critic_train"]} & {r["prompt_ids"][0] for r in sets["critic_heldout"]}
+    assert len(sets["critic_train"]) + len(sets["critic_heldout"]) == 30  # every sample, right and wrong
+    assert {r["prompt_ids"][0] for r in sets["prm"]} == {2, 3, 4} and len(sets["prm"]) == 30
+    everything = sveb_eval.training_sets(train, Args(seed=0, train_filters=False))
+    assert everything["critic_problems"] == everything["prm_problems"] == 7
+
+
+# ---- MCS@k ----
+def test_mcs_value_subsamples_the_truths_own_continuations():
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0]
+    rng = random.Random(7)
+    picked = random.Random(7).sample(range(5), 2)
+    assert mcs_value(rewards, 2, rng) == pytest.approx(np.mean([rewards[i] for i in picked]))
+    assert mcs_value(rewards, 5, random.Random(0)) == pytest.approx(0.6)  # k = n: the ground truth itself
+    assert mcs_value([1.0, 1.0, 1.0], 2, random.Random(0)) == 1.0
+    assert mcs_value(rewards, 1, random.Random(1)) in (0.0, 1.0)
+    # hand-worked distribution of MCS@2 over [1, 1, 0, 0]: of the 6 pairs, 1 gives 1.0, 4 give 0.5, 1 gives 0.0
+    draws = [mcs_value([1.0, 1.0, 0.0, 0.0], 2, random.Random(s)) for s in range(3000)]
+    for value, share in ((1.0, 1 / 6), (0.5, 4 / 6), (0.0, 1 / 6)):
+        assert draws.count(value) / len(draws) == pytest.approx(share, abs=0.03)
+    # without replacement: MCS@2 of [1, 0] is always exactly 0.5 (with replacement it would be 0 or 1 half the time)
+    assert {mcs_value([1.0, 0.0], 2, random.Random(s)) for s in range(20)} == {0.5}
+
+
+# ---- fields, statistics ----
 def test_new_numbers_and_field_tagging():
     q = "What is 12 + 7 + 30?"
     assert new_numbers(q, "12 + 7 = 19, 19 + 30 = 49") == {"19", "49"}
@@ -66,11 +132,6 @@ def test_new_numbers_and_field_tagging():
     assert problem_field(q, [short, "7 - 2 = 5, 44 + 5 = 49"], [1.0, 1.0]) == "number"
     assert problem_field(q, [long], [0.0]) == "other"  # no correct response
     assert problem_field(q, [long], [1.0], min_count=6) == "other"
-
-
-def test_pass_tiers():
-    assert [pass_tier(p) for p in (0.0, 0.125, 0.49, 0.5, 0.875, 1.0)] == \
-        ["none right", "below half", "below half", "half or more", "half or more", "all right"]
 
 
 def test_mae_with_se_hand_worked_and_naive():
@@ -120,65 +181,211 @@ def test_numca_value_reads_the_table_at_the_cut():
     assert numca_value(texts, rewards, 0, cut, min_gap=50) == pytest.approx(2 / 3)
 
 
+def test_numca_table_counts_the_unmerged_states():
+    # A writes 5, then 6 far away: it reads the state {5}. B writes "5 6" close together: with a 50-character
+    # merge it READS only {5, 6}, but it PASSED {5}, and the table counts that: V({5}) = mean(1, 0).
+    a = "5 is where we start" + " and then a long sentence without any digit in it at all" + " 6 next, \\boxed{11}"
+    b = "5 6 so \\boxed{11}"
+    cut = a.index(" where")
+    assert numca_value([a, b], [1.0, 0.0], 0, cut, min_gap=50) == pytest.approx(0.5)
+
+
+
 # ---- Hista ----
 def test_hista_value_hand_worked():
-    # two responses of 10 constant hidden states, a = 0 and b = 3 (distance 3); rewards 1 and 0
+    # no prompt; two responses of 10 constant hidden states, a = 0 and b = 3 (distance 3); rewards 1 and 0
     hidden = [torch.zeros(10, 1), torch.full((10, 1), 3.0)]
     args = Args(interval=5, window=5, ema_alpha=0.7, k_max=66, k_min=66, d_min=1.0)
     # state: response 0 cut at 5 tokens. Pool: its own prefix of 5 (distance 0 -> floor 1, weight 1), and
     # response 1's prefixes of 5 and 10 (distance 3, weight 1/3 each); its own prefix of 10 is longer: out.
-    assert hista_value(hidden, [1.0, 0.0], 0, 5, args) == pytest.approx(1 / (1 + 2 / 3))
-    assert hista_value(hidden, [1.0, 0.0], 0, 0, args) == pytest.approx(0.5)  # the first state: group mean
+    assert hista_value(hidden, 0, [1.0, 0.0], 0, 5, args) == pytest.approx(1 / (1 + 2 / 3))
+    assert hista_value(hidden, 0, [1.0, 0.0], 0, 0, args) == pytest.approx(0.5)  # the first state: group mean
 
 
 def test_hista_value_matches_the_training_code_at_its_states():
     torch.manual_seed(0)
-    hidden = [torch.randn(n, 8) for n in (23, 17, 30, 12)]
+    prompt = torch.randn(7, 8)
+    hidden = [torch.cat([prompt, torch.randn(n, 8)]) for n in (23, 17, 30, 12)]  # (P + T_g, D), the same prompt
     rewards = [1.0, 0.0, 0.0, 1.0]
     args = Args(interval=10, window=5, k_max=4, k_min=4, d_min=0.5)  # a constant k: the schedules agree
-    values, _ = hista_group_values(hidden, rewards, args.interval, args.ema_alpha, args.window, args.k_max,
+    values, _ = hista_group_values(hidden, 7, rewards, args.interval, args.ema_alpha, args.window, args.k_max,
                                    args.k_min, args.d_min)
     for g, h in enumerate(hidden):
-        for s, start in enumerate(range(0, h.shape[0], args.interval)):
-            assert hista_value(hidden, rewards, g, start, args) == pytest.approx(values[g][s], rel=1e-5)
+        for s, start in enumerate(range(0, h.shape[0] - 7, args.interval)):
+            assert hista_value(hidden, 7, rewards, g, start, args) == pytest.approx(values[g][s], rel=1e-5)
 
 
 def test_hista_value_ignores_tokens_after_the_cut():
     torch.manual_seed(1)
-    hidden = [torch.randn(20, 4) for _ in range(3)]
+    hidden = [torch.randn(24, 4) for _ in range(3)]  # 4 prompt tokens (different here: only the cut matters)
     changed = [h.clone() for h in hidden]
-    changed[0][13:] += 100.0  # the cut response's future, past the partial window that ends at token 12
+    changed[0][4 + 13 :] += 100.0  # the cut response's future, past the partial window that ends at token 12
     args = Args(interval=5, window=5, k_max=3, k_min=3, d_min=0.1)
     # the pool still holds response 0's own prefixes up to the state (windows 1 and 2); the future is unseen
-    assert hista_value(hidden, [1.0, 0.0, 1.0], 0, 12, args) == \
-        pytest.approx(hista_value(changed, [1.0, 0.0, 1.0], 0, 12, args))
+    assert hista_value(hidden, 4, [1.0, 0.0, 1.0], 0, 12, args) == \
+        pytest.approx(hista_value(changed, 4, [1.0, 0.0, 1.0], 0, 12, args))
+
+# ---- PPO-1: the official critic, piece by piece ----
+def test_zero_initialised_bias_free_head_gives_zero_before_training(tiny_model, tokenizer):
+    from common.models import TINY_MODEL, load_model
+
+    critic = CriticOnHidden(load_model(TINY_MODEL).get_decoder(), tiny_model.config.hidden_size)
+    assert critic.head.bias is None and torch.all(critic.head.weight == 0)
+    batch = sveb_eval.ppo.make_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]], tokenizer.pad_token_id)
+    values = critic_values(critic, tiny_model, batch)
+    assert values.shape == batch.input_ids.shape and torch.all(values == 0)
+    # the value head is the only path to V; the backbone reads the frozen policy's hidden states, not token ids
+    assert critic_values(critic, tiny_model, batch).requires_grad
 
 
-# ---- PPO-1 and PRIME read at the cut ----
+def gae_targets_loop(values, mask, scores, lam):
+    """GAE targets (gamma 1) one row at a time over its contiguous real columns, in plain Python."""
+    out = [[0.0] * len(values[0]) for _ in values]
+    for i, (v, m) in enumerate(zip(values, mask)):
+        cols = [j for j, x in enumerate(m) if x]
+        adv = 0.0
+        for n, j in reversed(list(enumerate(cols))):
+            reward = scores[i] if n == len(cols) - 1 else 0.0
+            next_v = v[cols[n + 1]] if n + 1 < len(cols) else 0.0
+            adv = reward + next_v - v[j] + lam * adv
+            out[i][j] = adv + v[j]
+    return out
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.95, 0.5])
+def test_value_targets_over_every_non_padding_token(lam):
+    torch.manual_seed(0)
+    # left-padded prompts, right-padded responses: real columns 2-5, 0-6, 3-4
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]])
+    values = torch.randn(3, 7)  # junk on padding must not leak in
+    scores = torch.tensor([1.0, 0.0, 1.0])
+    targets = value_targets(values, mask, scores, lam)
+    assert torch.allclose(targets, torch.tensor(gae_targets_loop(values.tolist(), mask.tolist(), scores.tolist(), lam)),
+                          atol=1e-5)
+    assert torch.all(targets[mask == 0] == 0)
+    if lam == 1.0:  # gamma = lambda = 1: the outcome at every real token, prompt included
+        assert torch.allclose(targets, scores[:, None] * mask, atol=1e-5)
+
+
+def test_value_targets_hand_worked():
+    # one row, 3 real tokens after one pad, values .5 .25 .75, outcome 1; lambda 0: one-step TD targets
+    # V(t+1) at t, the outcome at the last token: .25, .75, 1
+    targets = value_targets(torch.tensor([[9.0, 0.5, 0.25, 0.75]]), torch.tensor([[0, 1, 1, 1]]), torch.tensor([1.0]),
+                            0.0)
+    assert torch.allclose(targets, torch.tensor([[0.0, 0.25, 0.75, 1.0]]))
+
+
+def test_masked_mse_against_a_naive_loop():
+    torch.manual_seed(1)
+    values, targets = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]])
+    errors = [(values[i, j].item() - targets[i, j].item()) ** 2 for i in range(3) for j in range(6) if mask[i, j]]
+    assert masked_mse(values, targets, mask).item() == pytest.approx(sum(errors) / len(errors), rel=1e-6)
+
+
+def test_critic_loss_is_the_batch_token_mean_whatever_the_micro_batches(tiny_model, tokenizer):
+    from common.models import TINY_MODEL, load_model
+
+    torch.manual_seed(0)
+    critic = CriticOnHidden(load_model(TINY_MODEL).get_decoder(), tiny_model.config.hidden_size)
+    with torch.no_grad():
+        critic.head.weight.normal_(std=0.1)
+    batch = sveb_eval.ppo.make_batch([[1, 2, 3], [4], [5, 6]], [[7, 8], [9, 10, 11, 12], [13]], tokenizer.pad_token_id)
+    scores = torch.tensor([1.0, 0.0, 1.0])
+    grads = []
+    for micro in (1, 3):
+        critic.zero_grad()
+        sse, tokens = sveb_eval.critic_loss_sums(critic, tiny_model, batch, scores, 0.95, micro, contextlib.nullcontext,
+                                                 backward_scale=float(batch.attention_mask.sum()))
+        grads.append(critic.head.weight.grad.clone())
+        assert tokens == int(batch.attention_mask.sum()) == 3 + 2 + 1 + 4 + 2 + 1
+    # the same loss and gradient, one row at a time or all three at once
+    values = critic_values(critic, tiny_model, batch).detach()
+    whole = masked_mse(values, value_targets(values, batch.attention_mask, scores, 0.95), batch.attention_mask)
+    assert sse / tokens == pytest.approx(float(whole), rel=1e-4)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_cosine_schedule_hand_worked():
+    # 20 steps, 5% warm-up: w = 1 step at full lr, then a half cosine from 1 to 0.1 over the remaining 19
+    f = [cosine_lr_multiplier(s, 20, 0.05, 0.1) for s in range(20)]
+    assert f[0] == 1.0 and f[1] == pytest.approx(1.0)
+    assert f[1 + 19 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 19)))
+    assert f[19] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 18 / 19)))
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))  # falls after the warm-up
+    # 100 steps: 5 warm-up steps 0.2, 0.4, ..., 1
+    assert [cosine_lr_multiplier(s, 100, 0.05, 0.1) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert cosine_lr_multiplier(100, 100, 0.05, 0.1) == pytest.approx(0.1)  # the floor
+
+
+def test_best_checkpoint_keeps_the_lowest_held_out_loss():
+    layer, best = nn.Linear(2, 1), BestCheckpoint()
+    for step, (weight, loss) in enumerate([(1.0, 0.5), (2.0, 0.3), (3.0, 0.4), (4.0, 0.3), (5.0, float("nan"))], 1):
+        with torch.no_grad():
+            layer.weight.fill_(weight)
+        best.update(loss, step, layer)
+    best.restore(layer)
+    assert best.step == 2 and best.loss == 0.3 and torch.all(layer.weight == 2.0)  # a tie keeps the earlier one
+
+
+def test_train_critic_restores_its_best_held_out_checkpoint(tiny_model, tokenizer):
+    from common.models import TINY_MODEL, load_model
+
+    torch.manual_seed(0)
+    rows = [{"prompt_ids": [1, 2, i], "token_ids": [3 + i, 4, 5][: 1 + i % 3], "reward": float(i % 2)}
+            for i in range(10)]
+    held = [{"prompt_ids": [2, 1], "token_ids": [6, 7], "reward": 1.0},
+            {"prompt_ids": [9], "token_ids": [8], "reward": 0.0}]
+    critic = CriticOnHidden(load_model(TINY_MODEL).get_decoder(), tiny_model.config.hidden_size)
+    args = Args(critic_batch_size=4, critic_learning_rate=1e-2, critic_eval_every=1, micro_batch_size=2)
+    info = sveb_eval.train_critic(critic, tiny_model, rows, held, 1.0, args, tokenizer.pad_token_id,
+                                  contextlib.nullcontext)
+    assert info["optimizer_steps"] == 3 and [s for s, _ in info["heldout_loss"]] == [1, 2, 3]  # ceil(10 / 4)
+    losses = dict(info["heldout_loss"])
+    assert info["best_step"] == min(losses, key=losses.get) and info["best_heldout_loss"] == min(losses.values())
+    # the critic left behind is the best one: its held-out loss is the best recorded
+    batch = sveb_eval.ppo.make_batch([r["prompt_ids"] for r in held], [r["token_ids"] for r in held],
+                                     tokenizer.pad_token_id)
+    sse, tokens = sveb_eval.critic_loss_sums(critic, tiny_model, batch, torch.tensor([1.0, 0.0]), 1.0, 2,
+                                             contextlib.nullcontext)
+    assert sse / tokens == pytest.approx(info["best_heldout_loss"], rel=1e-5)
+    assert not torch.all(critic.head.weight == 0)  # it trained
+
+
+class PositionPolicy:
+    """A stand-in frozen policy whose 'hidden state' at each column is its position id."""
+
+    def get_decoder(self):
+        return lambda input_ids, attention_mask, position_ids, use_cache: SimpleNamespace(
+            last_hidden_state=position_ids.float()[..., None])
+
+
 class PositionCritic(nn.Module):
-    """A stand-in critic whose value at each position is its position id: shows where values are read."""
+    """A stand-in critic that returns its input: shows where values are read."""
 
     def __init__(self):
         super().__init__()
         self.head = nn.Linear(1, 1)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        return position_ids.float()
+    def forward(self, hidden, attention_mask, position_ids):
+        return hidden[..., 0]
 
 
 def test_critic_is_read_at_the_last_token_of_the_state():
     states = [{"prompt_ids": [5, 6, 7], "token_ids": [8, 9, 10, 11], "cut_tokens": 2},
               {"prompt_ids": [5], "token_ids": [8, 9], "cut_tokens": 0}]
-    values = critic_state_values(PositionCritic(), states, Args(micro_batch_size=1), 0, contextlib.nullcontext)
-    # state 0: prompt (positions 0-2) + 2 response tokens (3-4): the value sits at position 4;
-    # state 1: the bare prompt: its last token, position 0
-    assert values == [4.0, 0.0]
+    for micro in (1, 2):
+        values = critic_state_values(PositionCritic(), PositionPolicy(), states, Args(micro_batch_size=micro), 0,
+                                     contextlib.nullcontext)
+        # state 0: prompt (positions 0-2) + 2 response tokens (3-4): the value sits at position 4;
+        # state 1: the bare prompt: its last token, position 0
+        assert values == [4.0, 0.0]
 
 
+# ---- PRIME ----
 def test_prm_value_is_one_half_when_the_prm_is_the_reference(tiny_model, tokenizer):
     states = [{"prompt_ids": [1, 2, 3], "token_ids": [4, 5, 6, 7], "cut_tokens": 3}]
-    values = prm_state_values(tiny_model, tiny_model, states, Args(), 0.7, tokenizer.pad_token_id,
-                              contextlib.nullcontext)
+    values = prm_state_values(tiny_model, tiny_model, states, Args(), tokenizer.pad_token_id, contextlib.nullcontext)
     assert values == [pytest.approx(0.5)]
 
 
@@ -192,19 +399,50 @@ def test_prm_value_depends_only_on_the_prefix(tiny_model, tokenizer):
     states = [{"prompt_ids": [1, 2, 3], "token_ids": [4, 5, 6, 7, 8], "cut_tokens": 3},
               {"prompt_ids": [1, 2, 3], "token_ids": [4, 5, 6, 99, 98, 97], "cut_tokens": 3},
               {"prompt_ids": [1, 2, 3], "token_ids": [4, 5, 6, 7, 8], "cut_tokens": 4}]
-    v = prm_state_values(prm, tiny_model, states, Args(), 0.7, tokenizer.pad_token_id, contextlib.nullcontext)
+    v = prm_state_values(prm, tiny_model, states, Args(), tokenizer.pad_token_id, contextlib.nullcontext)
     assert v[0] == pytest.approx(v[1], abs=1e-6)
     assert v[0] != pytest.approx(v[2], abs=1e-6)
     assert v[0] != pytest.approx(0.5, abs=1e-6)
+    # log-probs at T = 1, as prime_implicit_prm.py reads them: beta times the raw log-ratio over the prefix
+    batch = prime.make_batch([s["prompt_ids"] for s in states], [s["token_ids"] for s in states],
+                             tokenizer.pad_token_id)
+    with torch.no_grad():
+        log_ratio = prime.response_logprobs(prm, batch, 1.0) - prime.response_logprobs(tiny_model, batch, 1.0)
+    ratio = log_ratio[0, :3].sum()
+    assert v[0] == pytest.approx(float(torch.sigmoid(Args().beta * ratio)), abs=1e-5)
 
 
-# ---- the build's cut and Monte Carlo values, with a generator whose outputs are known ----
+def test_train_prm_uses_primes_settings(tiny_model, tokenizer, monkeypatch):
+    from common.models import TINY_MODEL, load_model
+
+    seen = {}
+    adamw = torch.optim.AdamW
+
+    def spy_adamw(params, **kw):
+        seen.update(kw)
+        return adamw(params, **kw)
+
+    clips = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.optim, "AdamW", spy_adamw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda p, max_norm: clips.append(max_norm) or clip(p, max_norm))
+    rows = [{"prompt_ids": [1, 2, i], "token_ids": [3, 4 + i], "reward": float(i % 2)} for i in range(6)]
+    info = sveb_eval.train_prm(load_model(TINY_MODEL), tiny_model, rows, Args(prm_batch_size=4, prm_minibatch_size=2,
+                               micro_batch_size=1), tokenizer.pad_token_id, contextlib.nullcontext)
+    assert seen == {"lr": prime.Args.prm_learning_rate, "eps": 1e-8, "weight_decay": 0.0}
+    assert clips == [10.0] * 3  # batches of 4 and 2, minibatches of 2: 3 optimizer steps, clipped at 10
+    assert info["prm_steps"] == 2 and len(info["prm_accuracy_per_step"]) == 2
+    assert all(0 <= a <= 1 for a in info["prm_accuracy_per_step"])
+
+
+# ---- the build: pre-samples, population, cut and ground truth, with a generator whose outputs are known ----
 class ScriptedGenerator:
-    """Responses: one fixed correct solution. Continuations from a state: the j-th is right when j is even,
-    so k continuations are worth ceil(k / 2) / k."""
+    """Responses to a prompt: the j-th of n is right when j < round(rate * n), with `rate` set per prompt.
+    Continuations from a state: the j-th is right when j is even, so k continuations are worth ceil(k / 2) / k."""
 
-    def __init__(self, tokenizer, prompts):
-        self.tok, self.prompts = tokenizer, [tuple(p) for p in prompts]
+    def __init__(self, tokenizer, rates: dict[tuple, float]):
+        self.tok, self.rates = tokenizer, rates
 
     def completion(self, text):
         from common.generation import Completion
@@ -213,35 +451,70 @@ class ScriptedGenerator:
         return Completion(ids, text, True)
 
     def generate(self, inputs, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=None):
-        if all(tuple(x) in self.prompts for x in inputs):
-            return [[self.completion("2 + 3 = 5. So the answer is \\boxed{5}") for _ in range(n)] for _ in inputs]
+        if all(tuple(x) in self.rates for x in inputs):
+            return [[self.completion(f"2 + 3 = {5 if j < round(self.rates[tuple(x)] * n) else 6}. So the answer is "
+                                     f"\\boxed{{{5 if j < round(self.rates[tuple(x)] * n) else 6}}}") for j in range(n)]
+                    for x in inputs]
         return [[self.completion(" \\boxed{5}" if j % 2 == 0 else " \\boxed{4}") for j in range(n)] for _ in inputs]
 
 
-def test_build_chunk_cut_and_monte_carlo_values_are_exact(tokenizer):
+def scripted(tokenizer, rates):
     from common.data import Problem, prompt_ids
 
-    problems = [Problem("What is 2 + 3?", "5"), Problem("What is 1 + 4?", "5")]
-    args = Args(group_size=3, num_truth=4, mc_k=3, max_new_tokens=64)
-    gen = ScriptedGenerator(tokenizer, [prompt_ids(tokenizer, p.question) for p in problems])
+    problems = [Problem(f"What is 2 + 3? ({i})", "5") for i in range(len(rates))]
+    prompts = [tuple(prompt_ids(tokenizer, p.question)) for p in problems]
+    return problems, ScriptedGenerator(tokenizer, dict(zip(prompts, rates)))
+
+
+def test_build_chunk_population_cut_and_ground_truth_are_exact(tokenizer):
+    # pre-sample pass rates 1/20, 4/20, 16/20: only the middle one is in (0.07, 0.77]
+    problems, gen = scripted(tokenizer, [0.05, 0.2, 0.8])
+    args = Args(num_presamples=20, group_size=5, num_truth=4, max_new_tokens=64)
     records = sveb_eval.build_chunk([("bench", i, p) for i, p in enumerate(problems)], gen, tokenizer, args)
-    for r in records:
-        assert [x["reward"] for x in r["responses"]] == [1.0, 1.0, 1.0]
-        text = r["responses"][0]["text"]
-        assert r["cut_response"] == 0 and text[r["cut_space"]] == " "
-        assert r["cut_text"] == text[: r["cut_space"]] and r["cut_char"] == r["cut_space"]
-        assert (r["truth"], r["mc1"], r["mc2"], r["mck"]) == (0.5, 1.0, 0.5, pytest.approx(2 / 3))
+    assert [r["pass_rate"] for r in records] == [0.05, 0.2, 0.8]
+    assert [r["tier"] for r in records] == [None, "1737", None]
+    assert [("responses" in r, "truth" in r) for r in records] == [(False, False), (True, True), (False, False)]
+    r = records[1]
+    assert len(r["presample_rewards"]) == 20 and sum(r["presample_rewards"]) == 4
+    assert [x["reward"] for x in r["responses"]] == [1.0, 0.0, 0.0, 0.0, 0.0]  # G = 5 fresh responses, 1 right
+    text = r["responses"][0]["text"]
+    assert r["cut_response"] == 0 and text[r["cut_space"]] == " "
+    assert r["cut_text"] == text[: r["cut_space"]] and r["cut_char"] == r["cut_space"]
+    assert r["truth_rewards"] == [1.0, 0.0, 1.0, 0.0] and r["truth"] == 0.5
+    # --population all builds every problem
+    everything = sveb_eval.build_chunk([("bench", i, p) for i, p in enumerate(problems)], gen, tokenizer,
+                                       Args(num_presamples=20, group_size=5, num_truth=4, max_new_tokens=64,
+                                            population="all"))
+    assert all("truth" in r for r in everything) and [r["tier"] for r in everything] == [None, "1737", None]
+    # training problems keep their pre-samples as their responses, and nothing else is sampled for them
+    train = sveb_eval.build_chunk([("train", i, p) for i, p in enumerate(problems)], gen, tokenizer, args)
+    assert [sum(x["reward"] for x in t["responses"]) for t in train] == [1, 4, 16]
+    assert all("truth" not in t and "tier" not in t for t in train)
+
+
+def test_continuation_rewards_follow_vineppos_rule(tokenizer):
+    from vineppo import estimate_values
+
+    problems, gen = scripted(tokenizer, [0.5])
+    prompt = list(next(iter(gen.rates)))
+    response = tokenizer.encode("2 + 3 = 5. So the answer is", add_special_tokens=False)
+    for k in (1, 2, 5):
+        rewards = sveb_eval.continuation_rewards(gen, tokenizer, [prompt], [response[:4]], ["5"], k, 64, 0.7, 1.0, 0)
+        values, _ = estimate_values(gen, tokenizer, [prompt], [response], [[4]], ["5"], k, 64, 0.7, 1.0, 0)
+        assert len(rewards[0]) == k and np.mean(rewards[0]) == pytest.approx(values[0][0])
 
 
 # ---- the build file ----
 def tiny_args(tmp_path, **kw):
-    args = Args(model="tiny-random", dataset="arithmetic", output_dir=str(tmp_path), num_problems=2,
-                group_size=2, num_truth=2, mc_k=2, num_train_problems=1, max_new_tokens=8, chunk_size=1, **kw)
+    settings = dict(model="tiny-random", dataset="arithmetic", output_dir=str(tmp_path), num_problems=2,
+                    num_presamples=2, group_size=2, num_truth=2, mc_k=2, num_train_problems=1, max_new_tokens=8,
+                    chunk_size=1, population="all")
+    args = Args(**(settings | kw))
     sveb_eval.check_args(args)
     return args
 
 
-def test_build_round_trips_and_resumes(tmp_path, monkeypatch, capsys):
+def test_build_round_trips_and_resumes(tmp_path, monkeypatch):
     args = tiny_args(tmp_path)
     sveb_eval.build(args)
     header, records = sveb_eval.read_bench(args.bench_file)
@@ -249,11 +522,14 @@ def test_build_round_trips_and_resumes(tmp_path, monkeypatch, capsys):
     bench = [r for r in records if r["kind"] == "bench"]
     assert sorted(r["index"] for r in bench) == [0, 1] and sum(r["kind"] == "train" for r in records) == 1
     for r in bench:
+        assert len(r["presample_rewards"]) == 2 and r["pass_rate"] == np.mean(r["presample_rewards"])
         assert len(r["responses"]) == 2 and all(len(x["token_ids"]) > 0 for x in r["responses"])
         assert 0 <= r["cut_tokens"] <= len(r["responses"][r["cut_response"]]["token_ids"])
-        assert all(0.0 <= r[k] <= 1.0 for k in ("truth", "mc1", "mc2", "mck"))
+        assert len(r["truth_rewards"]) == 2 and r["truth"] == np.mean(r["truth_rewards"])
         if r["cut_space"] is not None:
             assert r["responses"][r["cut_response"]]["text"][r["cut_space"]] == " "
+    (train,) = [r for r in records if r["kind"] == "train"]
+    assert len(train["responses"]) == 2 and train["pass_rate"] == np.mean([x["reward"] for x in train["responses"]])
     full = open(args.bench_file).read()
 
     # a second run finds everything built and loads no model
@@ -273,28 +549,52 @@ def test_build_round_trips_and_resumes(tmp_path, monkeypatch, capsys):
 def test_build_refuses_a_file_made_with_other_settings(tmp_path):
     args = tiny_args(tmp_path)
     sveb_eval.build(args)
-    other = tiny_args(tmp_path, temperature=0.9)
-    with pytest.raises(SystemExit, match="other settings"):
-        sveb_eval.build(other)
+    for change in (dict(temperature=0.9), dict(num_presamples=3), dict(population="paper")):
+        with pytest.raises(SystemExit, match="other settings"):
+            sveb_eval.build(tiny_args(tmp_path, **change))
+
+
+def test_build_and_eval_refuse_a_file_of_the_previous_format(tmp_path):
+    args = tiny_args(tmp_path)
+    old = {k: v for k, v in sveb_eval.build_config(args).items() if k not in ("format", "num_presamples", "population")}
+    with open(args.bench_file, "w") as f:
+        f.write(json.dumps({"kind": "header", "config": old | {"mc_k": 2}}) + "\n")
+    with pytest.raises(SystemExit, match=r"other settings \(format: file None vs now 2"):
+        sveb_eval.build(args)
+    with pytest.raises(SystemExit, match="another version of sveb_eval.py"):
+        sveb_eval.evaluate(args)
 
 
 def test_end_to_end_on_the_tiny_model(tmp_path):
+    # the tiny random model solves nothing: build every problem and train on every training problem
     proc = run_script("sveb_eval.py", "--model", "tiny-random", "--dataset", "arithmetic", "--output-dir",
-                      str(tmp_path), "--num-problems", "3", "--group-size", "2", "--num-truth", "2", "--mc-k", "2",
-                      "--num-train-problems", "2", "--max-new-tokens", "8", "--steps-batch", "2",
-                      "--minibatch-size", "2", "--micro-batch-size", "2")
+                      str(tmp_path), "--num-problems", "3", "--num-presamples", "2", "--population", "all",
+                      "--group-size", "2", "--num-truth", "3", "--mc-k", "3", "--num-train-problems", "2",
+                      "--max-new-tokens", "8", "--no-train-filters", "--critic-batch-size", "2",
+                      "--critic-eval-every", "1", "--prm-batch-size", "2", "--prm-minibatch-size", "2",
+                      "--micro-batch-size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "sveb_results.json").read_text())
     assert set(results["mae"]) == set(sveb_eval.ESTIMATORS)
     for name, m in results["mae"].items():
         assert m["all"][2] == 3 and 0 <= m["all"][0] <= 1, name
+    assert results["population"]["candidates"] == 3 and "outside" in results["tiers"]
+    assert results["mae"]["MCS@K"]["all"][0] == 0.0  # MCS@3 of 3 continuations is the ground truth itself
+    c = results["training"]["PPO-1/lam1"]
+    assert c["train_responses"] == 2 and c["heldout_responses"] == 2 and c["optimizer_steps"] == 1  # 1 of 2 problems
     assert "PPO-1/lam1" in results["critic_collapse"]
     assert (tmp_path / "sveb_mae.png").stat().st_size > 1000
-    assert "| GRPO |" in (tmp_path / "sveb_table.md").read_text()
+    table = (tmp_path / "sveb_table.md").read_text()
+    assert "| GRPO |" in table and "Population: 0 of 3 pre-sampled problems" in table
     # eval alone, a subset of estimators, from the same file
-    proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path), "--estimators", "GRPO", "Numca")
+    proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path), "--estimators", "GRPO", "Numca",
+                      "MCS@1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(json.loads((tmp_path / "sveb_results.json").read_text())["mae"]) == {"GRPO", "Numca"}
+    assert set(json.loads((tmp_path / "sveb_results.json").read_text())["mae"]) == {"GRPO", "Numca", "MCS@1"}
+    # with the training filters on, this model's problems (none right) cannot train PPO-1: one clear line
+    proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path), "--estimators", "PPO-1/lam1")
+    assert proc.returncode != 0 and "PPO-1 needs at least 2 training problems" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_clear_errors(tmp_path):
@@ -304,4 +604,6 @@ def test_clear_errors(tmp_path):
     assert proc.returncode != 0 and "--group-size must be >= 1" in proc.stderr
     proc = run_script("sveb_eval.py", "--estimators", "Numca", "Oracle", "--output-dir", str(tmp_path))
     assert proc.returncode != 0 and "unknown estimator(s) ['Oracle']" in proc.stderr
+    proc = run_script("sveb_eval.py", "--num-truth", "4", "--mc-k", "9", "--output-dir", str(tmp_path))
+    assert proc.returncode != 0 and "--mc-k 9 must be at most --num-truth 4" in proc.stderr
     assert not (tmp_path / "bench.jsonl").exists()  # refused before any build
