@@ -17,8 +17,9 @@ Departures from the paper and its code (shared/docs/ALGORITHMS.md section 2):
 - Estimated states: the prompt + 25 step boundaries for the newline (GSM8K) style, as VinePPO's GSM8K
   configs; every boundary for the math style, as its MATH configs (--max-estimated-steps). States past
   the cap take V = R, so their steps get advantage 0.
-- A continuation may use only the response budget left after its prefix (max_new_tokens minus the
-  prefix length); one that runs past it is truncated and scores 0, as the original response would.
+- A continuation is generated with exactly the response budget left after its prefix (max_new_tokens minus
+  the prefix's response tokens, one budget per prefix in the same batched call); one cut by it is
+  unfinished and scores 0, as the original response would.
 - A token that straddles a step boundary belongs to the step in which it ends: the state "after step i"
   must be a token prefix, and the prefix that stops before that token is the one the policy sampled from.
 - The separator at a boundary (a line break, the spaces after a sentence's end) ends the step before it;
@@ -58,6 +59,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -71,10 +73,13 @@ from tokenizers import decoders
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.args import check_ranges
+from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
+                           resolve_model_path)
 
 
 @dataclass
@@ -143,6 +148,12 @@ class Args:
     """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); Ctrl-C writes one after the current step, then exits"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: str | None = None
+    """continue the run in this folder from its newest checkpoint, with the arguments it was started with"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "llm-rl-reference"
@@ -161,8 +172,8 @@ class Args:
     """how responses are split into reasoning steps (auto: math for the math dataset, else newline)"""
     max_estimated_steps: int | None = None
     """step boundaries estimated per response after the prompt (VinePPO's max_step_for_value_estimation); later
-    states take V = R (advantage 0). None: 25 for the newline style (VinePPO's GSM8K configs), every
-    boundary for the math style (its MATH configs)"""
+    states take V = R (advantage 0); 0: only the prompt's value. None: 25 for the newline style (VinePPO's
+    GSM8K configs), every boundary for the math style (its MATH configs)"""
     clip_eps: float = 0.2
     """PPO ratio clip"""
     kl_coef: float = 1e-4
@@ -397,7 +408,9 @@ def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: l
 
     starts[b] lists, for response b, the token offsets where its estimated states end (0 = the
     prompt). Returns V for each of them (the mean reward of k continuations) and the number of distinct
-    prefixes sampled. A continuation may use the budget left after its prefix; past it, it scores 0.
+    prefixes sampled. Each continuation is generated with exactly the budget its prefix leaves of the
+    response's: max_new_tokens minus the prefix's response tokens. One cut by that budget is unfinished
+    and scores 0, as the whole response would be.
     """
     unique: dict[tuple[int, ...], int] = {}
     keys = []  # keys[b][i]: index of the prefix of state i of response b in `unique`
@@ -412,19 +425,18 @@ def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: l
     for b, row in enumerate(keys):
         for u in row:
             owner[u] = (len(prompts[b]), answers[b])
-    # One batched call for all prefixes, long enough for the one with the most budget left.
-    shortest = min(len(p) - owner[u][0] for u, p in enumerate(prefixes))
-    outs = generator.generate([list(p) for p in prefixes], n=k, max_new_tokens=max_new_tokens - shortest,
+    # One batched call for all prefixes, each with its own budget: what its response prefix left.
+    budgets = [max_new_tokens - (len(p) - owner[u][0]) for u, p in enumerate(prefixes)]
+    outs = generator.generate([list(p) for p in prefixes], n=k, max_new_tokens=budgets,
                               temperature=temperature, top_p=top_p, seed=seed)
     means = []
     for u, (prefix, conts) in enumerate(zip(prefixes, outs)):
         prompt_len, answer = owner[u]
         response_prefix = list(prefix[prompt_len:])
         rewards = []
-        for c in conts:
-            within = len(response_prefix) + len(c.token_ids) <= max_new_tokens
+        for c in conts:  # unfinished = cut by its budget: 0, as outcome_rewards scores a truncated response
             text = tokenizer.decode(response_prefix + c.token_ids, skip_special_tokens=True)
-            rewards.append(grade(text, answer) if c.finished and within else 0.0)
+            rewards.append(grade(text, answer) if c.finished else 0.0)
         means.append(float(np.mean(rewards)))
     return [[means[u] for u in row] for row in keys], len(prefixes)
 
@@ -508,14 +520,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 256):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
 
     Memory-lean: the model computes logits only at the T positions that predict response tokens
     (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
     chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
-    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
-    gradient) is computed from the same chunks."""
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB, one 256-position chunk 0.15 GiB.
+    The entropy (a statistic, no gradient) is computed from the same chunks."""
     dev = model.device
     T = batch.response_mask.shape[1]
     # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
@@ -576,7 +588,17 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject inconsistent batch sizes before anything is loaded or written."""
+    """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
+                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
+                 "keep_checkpoints", "vllm_max_model_len", "num_mc_rollouts"],
+        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every",
+                 "max_estimated_steps"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps", "max_ratio"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
+        "in [0, 1]": ["warmup_ratio"],
+    })
     args.batch_size = args.num_prompts * args.samples_per_prompt
     if args.batch_size % args.minibatch_size:
         raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
@@ -587,12 +609,8 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.num_mc_rollouts < 1:
-        raise SystemExit("error: --num-mc-rollouts must be at least 1")
-    if args.max_estimated_steps is not None and args.max_estimated_steps < 0:
-        raise SystemExit("error: --max-estimated-steps must be at least 0 (0: only the prompt's value is estimated)")
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -605,6 +623,8 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
+        args = Args(**{**saved_args(args.resume), "resume": args.resume})
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -618,6 +638,10 @@ def main(args: Args) -> None:
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    check_memory(args.model, device, trainable=1, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
+                 vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
     style = args.step_style if args.step_style != "auto" else ("math" if args.dataset == "math" else "newline")
     # Step boundaries estimated per response: VinePPO's GSM8K configs cap them at 25, its MATH configs do not.
     max_boundaries = args.max_estimated_steps if args.max_estimated_steps is not None else \
@@ -640,16 +664,48 @@ def main(args: Args) -> None:
                                seed=args.seed, max_model_len=args.vllm_max_model_len,
                                enforce_eager=args.vllm_enforce_eager)
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators): the Monte Carlo
+    # continuations are seeded by the step, so a resumed run samples the same ones.
+    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
+        state = load_checkpoint(checkpoint)
+        policy.load_state_dict(state["models"]["policy"])
+        policy_opt.load_state_dict(state["optimizers"]["policy"])
+        policy_sched.load_state_dict(state["schedulers"]["policy"])
+        generator.sync_weights(policy)
+        os.truncate(metrics_path, state["metrics_bytes"])
+        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
+        tqdm.write(f"resuming {run_dir} after step {state['step']}")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
+    if not args.resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time()
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
+                   resume="allow" if args.resume else None)
+    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time() - elapsed
+    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def run_eval(step: int) -> float:
         acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
@@ -658,9 +714,12 @@ def main(args: Args) -> None:
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
         return acc
 
-    eval_acc = run_eval(0)
-    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    if not args.resume:
+        eval_acc = run_eval(0)
+        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    else:
+        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
+    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
@@ -775,7 +834,8 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/mc_values": t_mc, "time/update": t_update,
-            "vine/continuations": num_prefixes * args.num_mc_rollouts, "vine/mc_time_share": t_mc / step_time,
+            "time/mc_share": t_mc / step_time,  # a wall-clock ratio: under time/, as the other timings
+            "vine/continuations": num_prefixes * args.num_mc_rollouts,
             "vine/mean_abs_advantage": np.abs(raw_advantages).mean(),
             "vine/zero_advantage_frac": (raw_advantages == 0).mean(),
             "vine/prompt_value_corr": correlation(prompt_values, group_means),
@@ -789,6 +849,19 @@ def main(args: Args) -> None:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
         progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if stop["requested"] or (args.save_every and step % args.save_every == 0):
+            history.flush()
+            save_checkpoint(run_dir, step, {
+                "models": {"policy": policy.state_dict()},
+                "optimizers": {"policy": policy_opt.state_dict()},
+                "schedulers": {"policy": policy_sched.state_dict()},
+                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
+                "eval_acc": eval_acc}, keep=args.keep_checkpoints)
+        if stop["requested"]:
+            tqdm.write(f"stopped after step {step}; continue with: python vineppo.py --resume {run_dir}")
+            history.close()
+            writer.close()
+            return
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

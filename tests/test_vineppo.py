@@ -1,5 +1,6 @@
-"""vineppo.py: the step splitter, step advantages, the token mapping, the Monte Carlo estimate, the shared PPO
-pieces (KL, loss, schedule, chunked log-probs, fixed micro-batches), end to end."""
+"""vineppo.py: the step splitter, step advantages, the token mapping, the Monte Carlo estimate (one budget per
+prefix), the shared PPO pieces (KL, loss, schedule, chunked log-probs, fixed micro-batches), range checks of
+VinePPO's own flags, end to end. Checkpoint/resume and the shared bad-input table: tests/test_trainers.py."""
 
 import math
 import random
@@ -7,14 +8,15 @@ import re
 
 import pytest
 import torch
+import tyro
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.generation import Completion
 from conftest import run_tiny
-from vineppo import (GSM8K_MAX_BOUNDARIES, MATH_SPAN, estimate_values, in_micro_batches, kl_k3, lr_multiplier,
-                     make_batch, ppo_policy_loss, response_logprobs, split_into_steps, state_starts, step_advantages,
-                     token_char_ends, token_step_index)
+from vineppo import (GSM8K_MAX_BOUNDARIES, MATH_SPAN, Args, check_args, estimate_values, in_micro_batches, kl_k3,
+                     lr_multiplier, make_batch, ppo_policy_loss, response_logprobs, split_into_steps, state_starts,
+                     step_advantages, token_char_ends, token_step_index)
 
 SPLIT_CASES = [
     # (text, style, expected steps)
@@ -263,19 +265,29 @@ def test_token_char_ends_is_linear_and_falls_back_elsewhere(tokenizer):
 
 
 class ScriptedGenerator:
-    """Stands in for common.generation: each prefix's continuations are fixed, so the estimate is known."""
+    """Stands in for common.generation: each prefix's continuations are fixed, so the estimate is known. Like
+    the real generators it takes one budget or one per input, records them, and cuts a continuation at its
+    input's budget (then unfinished: no EOS)."""
 
     def __init__(self, tokenizer, script):
-        self.tokenizer, self.script, self.calls = tokenizer, script, []
+        self.tokenizer, self.script, self.calls, self.budgets = tokenizer, script, [], []
 
     def generate(self, inputs, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
         self.calls.append([tuple(x) for x in inputs])
+        budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        assert len(budgets) == len(inputs)
+        self.budgets.append(dict(zip(self.calls[-1], budgets)))
         out = []
-        for ids in inputs:
+        for ids, budget in zip(inputs, budgets):
             texts = self.script[tuple(ids)]
             assert len(texts) == n
-            out.append([Completion(self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id],
-                                   t, True) for t in texts])
+            row = []
+            for t in texts:
+                tokens = self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                cut = tokens[:budget]
+                text = self.tokenizer.decode(cut, skip_special_tokens=True)
+                row.append(Completion(cut, text, len(cut) == len(tokens)))  # finished: its EOS fitted
+            out.append(row)
         return out
 
 
@@ -297,6 +309,32 @@ def test_mc_estimate_is_the_mean_reward_and_prefixes_are_sampled_once(tokenizer)
     assert values == [[0.75, 0.75], [0.75, 0.25]]
     assert num_prefixes == 3 and len(gen.calls) == 1  # the shared prompt state was sampled once, in one call
     assert sorted(map(len, gen.calls[0])) == sorted(map(len, script))
+    # each prefix with its own budget: 64 minus its response tokens (the prompt state: all 64)
+    assert gen.budgets[0] == {key: 64 - (len(key) - len(prompt)) for key in script}
+
+
+def test_each_continuation_gets_exactly_its_own_budget(tokenizer):
+    """Three prefixes of one response (0, 1 and 3 response tokens) with max_new_tokens 12: budgets 12, 11, 9.
+    A continuation that fits its own budget exactly (EOS as its last allowed token) is graded; one token more
+    and it is cut by the budget, unfinished, and scores 0, even where a longer budget (another prefix's)
+    would have let it finish."""
+    prompt = [1, 2]
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    response = enc("a\nb\nc\nd")
+    assert len(response) >= 4
+    right = "\\boxed{4}"
+    n_right = len(enc(right)) + 1  # with its EOS
+    pad = lambda k: right + " x" * k  # noqa: E731  a right answer taking k more tokens (" x" is one token)
+    assert len(enc(pad(2))) == len(enc(right)) + 2
+    budget = {0: 12, 1: 11, 3: 9}
+    assert n_right <= 9
+    # from each prefix: one that ends exactly at its budget, one a token longer
+    script = {tuple(prompt + response[:s]): [pad(b - n_right), pad(b - n_right + 1)] for s, b in budget.items()}
+    gen = ScriptedGenerator(tokenizer, script)
+    values, num_prefixes = estimate_values(gen, tokenizer, [prompt], [response], [[0, 1, 3]], ["4"], k=2,
+                                           max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0)
+    assert gen.budgets == [{tuple(prompt + response[:s]): b for s, b in budget.items()}]
+    assert values == [[0.5, 0.5, 0.5]] and num_prefixes == 3
 
 
 def test_continuation_past_the_budget_scores_zero(tokenizer):
@@ -306,7 +344,34 @@ def test_continuation_past_the_budget_scores_zero(tokenizer):
     gen = ScriptedGenerator(tokenizer, {tuple(prompt + response[:1]): [cont]})
     values, _ = estimate_values(gen, tokenizer, [prompt], [response], [[1]], ["4"], k=1,
                                 max_new_tokens=5, temperature=1.0, top_p=1.0, seed=0)
-    assert values == [[0.0]]
+    assert values == [[0.0]] and gen.budgets == [{tuple(prompt + response[:1]): 4}]
+
+
+def test_real_generator_gives_each_prefix_its_own_budget(tiny_model, tokenizer):
+    """With common.generation's hf backend on the tiny model: every continuation from a prefix of r response
+    tokens holds at most max_new_tokens - r tokens, exactly that many when it did not finish (the random
+    model almost never says EOS), in one batched call whatever the mix of budgets."""
+    from common.generation import make_generator
+
+    generator = make_generator("hf", tiny_model, tokenizer, "unused", batch_size=4)
+    seen = []
+
+    class Recording:
+        def generate(self, inputs, n, max_new_tokens, **kw):
+            out = generator.generate(inputs, n=n, max_new_tokens=max_new_tokens, **kw)
+            budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else max_new_tokens
+            seen.extend(zip(inputs, budgets, out))
+            return out
+
+    prompt = tokenizer("What is 2 + 2?", add_special_tokens=False)["input_ids"]
+    response = list(range(100, 110))  # 10 response tokens; states after 0, 2, 5 and 9 of them
+    estimate_values(Recording(), tokenizer, [prompt], [response], [[0, 2, 5, 9]], ["4"], k=3, max_new_tokens=12,
+                    temperature=1.0, top_p=1.0, seed=0)
+    assert [budget for _, budget, _ in seen] == [12, 10, 7, 3]
+    for ids, budget, conts in seen:
+        assert len(conts) == 3
+        for c in conts:
+            assert len(c.token_ids) <= budget and (c.finished or len(c.token_ids) == budget)
 
 
 # ---- the pieces shared with ppo.py (copies of its functions, tested here on their own) ----
@@ -378,6 +443,31 @@ def test_chunked_logprobs_and_fixed_micro_batches(tiny_model, tokenizer):
 TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12",
         "--num-mc-rollouts", "2", "--eval-every", "1"]
+
+
+# VinePPO's own flags (the shared ones are in tests/test_trainers.py's table): one "error:" line from check_args.
+VINE_OUT_OF_RANGE = [
+    (["--num-mc-rollouts", "0"], "--num-mc-rollouts must be >= 1"),
+    (["--max-estimated-steps", "-1"], "--max-estimated-steps must be >= 0"),
+    (["--clip-eps", "0"], "--clip-eps must be > 0"),
+    (["--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    (["--max-ratio", "nan"], "--max-ratio is NaN"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", VINE_OUT_OF_RANGE, ids=[" ".join(a) for a, _ in VINE_OUT_OF_RANGE])
+def test_out_of_range_vineppo_flag_is_one_line(argv, message):
+    args = tyro.cli(Args, args=TINY + argv)
+    with pytest.raises(SystemExit) as exc:
+        check_args(args)
+    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_max_estimated_steps_zero_is_allowed():
+    args = tyro.cli(Args, args=TINY + ["--max-estimated-steps", "0"])
+    check_args(args)
+    assert args.max_estimated_steps == 0 and args.batch_size == 4
 
 
 def test_vineppo_end_to_end(tmp_path):
