@@ -29,6 +29,8 @@ from conftest import ROOT, run_script, run_tiny
 FROZEN = {
     "ppo.py": ["--learning-rate", "0", "--critic-learning-rate", "0"],
     "vineppo.py": ["--learning-rate", "0"],
+    "numca.py": ["--learning-rate", "0", "--kl-coef", "0.001"],  # a KL coefficient, so that kl_ref_k3 exists
+    "hista.py": ["--learning-rate", "0", "--kl-coef", "0.001"],
 }
 
 # 4 prompts x 4 samples in micro-batches of 4. With the earlier code (consecutive micro-batches for the
@@ -51,7 +53,8 @@ def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
 
 
 # ---- Checkpoints: a run killed at any point and resumed ends with the metrics of a run never stopped ----
-RESUMABLE = ["ppo.py"]
+RESUMABLE = ["ppo.py", "vineppo.py"]
+FAST = {"vineppo.py": ["--num-mc-rollouts", "2"]}  # fewer continuations: the same code path, a faster test
 SHORT_RUN = ["--model", "tiny-random", "--num-steps", "3", "--num-prompts", "2", "--samples-per-prompt", "2",
              "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
              "--eval-every", "2", "--no-save-model", "--save-every", "1"]
@@ -65,7 +68,7 @@ def comparable(run_dir: Path) -> list[dict]:
 
 
 def start(script: str, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, script, *SHORT_RUN, "--output-dir", str(out)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, script, *SHORT_RUN, *FAST.get(script, []), "--output-dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -115,7 +118,7 @@ def test_resume_without_a_checkpoint_is_one_line(script, tmp_path):
 
 
 # ---- Bad input: one line that starts with "error:", a non-zero exit, nothing written ----
-TRAINERS = ["ppo.py"]
+TRAINERS = ["ppo.py", "vineppo.py"]
 TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12"]
 
