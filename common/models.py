@@ -222,7 +222,8 @@ def check_memory(name: str, device: str, *, trainable: int, frozen: int, frozen_
             parts["vllm"] = vllm_share * total
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    need = sum(parts.values())
+    # vLLM sleeps (frees its share) during the update, so its share and the activations never coexist.
+    need = parts["trainable"] + parts["frozen"] + parts["sampler"] + max(parts["activations"], parts.get("vllm", 0))
     if need > total:
         detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v >= 0.05)
         hint = "lower --micro-batch-size or --max-new-tokens"
