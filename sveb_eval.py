@@ -126,6 +126,7 @@ import numca
 import ppo
 import prime_implicit_prm as prime
 import vineppo
+from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
@@ -642,20 +643,29 @@ def build_config(args: Args) -> dict:
 
 def read_bench(path: str) -> tuple[dict | None, list[dict]]:
     """(header, records) of a benchmark file. A last line cut short by an interruption is dropped from the
-    file, so that appending continues from the last complete chunk."""
+    file, so that appending continues from the last complete chunk; a file that is not a benchmark file is
+    refused before anything in it is touched."""
     if not os.path.exists(path):
         return None, []
     with open(path, "rb") as f:
         data = f.read()
     complete = data[: data.rfind(b"\n") + 1]
+    try:
+        lines = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        lines = [None]
+    if not lines and data.strip() and not data.startswith(b'{"kind": "header"'):
+        lines = [None]  # one line, no newline, and not the start of a header: someone else's file
+    if lines and not (isinstance(lines[0], dict) and lines[0].get("kind") == "header"
+                      and isinstance(lines[0].get("config"), dict)
+                      and all(isinstance(r, dict) and "kind" in r for r in lines[1:])):
+        raise DataError(f"{path} is not an SVEB benchmark file (no header line, or lines that are not its "
+                        "records); choose another --bench-file")
     if len(complete) != len(data):
         with open(path, "wb") as f:
             f.write(complete)
-    lines = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
     if not lines:
         return None, []  # interrupted before its first line was written
-    if lines[0].get("kind") != "header":
-        raise DataError(f"{path} is not an SVEB benchmark file (no header line); choose another --bench-file")
     return lines[0]["config"], lines[1:]
 
 
@@ -675,8 +685,10 @@ def build(args: Args) -> str:
     config = build_config(args)
     header, records = read_bench(path)
     check_header(path, header, config)
+    resolve_model_path(args.model)  # a missing model folder fails now, in one line, before the data is read
     bench_problems = load_problems(args.dataset, "test", size=args.num_problems, seed=args.seed)
-    train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
+    train_problems = (load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
+                      if args.num_train_problems else [])  # (size 0 would mean the whole split)
     todo = []
     for kind, problems in (("bench", bench_problems), ("train", train_problems)):
         done = {r["index"]: r["question"] for r in records if r["kind"] == kind}
@@ -1066,21 +1078,34 @@ def evaluate(args: Args) -> dict:
 
 
 def check_args(args: Args) -> None:
+    """Reject out-of-range values and inconsistent settings before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_problems", "num_presamples", "group_size", "num_truth", "max_new_tokens", "chunk_size",
+                 "gen_batch_size", "vllm_max_model_len", "mc_k", "number_min_count", "micro_batch_size", "interval",
+                 "window", "k_max", "k_min", "critic_batch_size", "critic_epochs", "critic_eval_every",
+                 "prm_batch_size", "prm_minibatch_size", "prm_passes"],
+        ">= 0": ["num_train_problems", "min_gap_chars", "critic_learning_rate", "prm_learning_rate"],
+        "> 0": ["temperature", "d_min", "beta"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization", "critic_heldout"],
+        "in [0, 1]": ["ema_alpha", "critic_warmup_ratio", "critic_min_lr_ratio"],
+    })
+    if args.ema_alpha == 1:
+        raise SystemExit("error: --ema-alpha must be < 1 (got 1.0): the EMA's bias correction divides by 1 - alpha^t")
+    if args.critic_heldout == 1:
+        raise SystemExit("error: --critic-heldout must be < 1 (got 1.0): the critic needs problems to train on")
+    if args.k_min > args.k_max:
+        raise SystemExit(f"error: --k-min {args.k_min} must be at most --k-max {args.k_max}")
     if args.bench_file is None:
         args.bench_file = os.path.join(args.output_dir, "bench.jsonl")
+    if os.path.isfile(args.output_dir):
+        raise SystemExit(f"error: --output-dir {args.output_dir} is a file: pass a folder")
+    if os.path.isdir(args.bench_file):
+        raise SystemExit(f"error: --bench-file {args.bench_file} is a folder: pass a file (.jsonl)")
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    for name in ("num_problems", "num_presamples", "group_size", "num_truth", "mc_k", "chunk_size", "micro_batch_size",
-                 "critic_batch_size", "critic_epochs", "critic_eval_every", "prm_batch_size", "prm_minibatch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if args.num_train_problems < 0:
-        raise SystemExit("error: --num-train-problems must be >= 0")
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 (the states' values are those of the sampling policy)")
-    if not 0 < args.critic_heldout < 1:
-        raise SystemExit("error: --critic-heldout must be in (0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     unknown = set(args.estimators) - set(ESTIMATORS)
     if unknown:
         raise SystemExit(f"error: unknown estimator(s) {sorted(unknown)}; choose from {list(ESTIMATORS)}")

@@ -1,16 +1,20 @@
 """sveb_eval.py: the cut, the population and tiers, fields, MCS@k, the error arithmetic, each estimator's adapter on
 synthetic problems with known answers, the paper's critic protocol piece by piece, the build's file (round trip,
-resume, interruption, refusal) and the whole script end to end."""
+resume, interruption, refusal), the whole script end to end, and bad input (every out-of-range flag, a missing,
+empty or wrong file or model: one line that starts with "error:", a non-zero exit, nothing written)."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
+import typing
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import tyro
 from torch import nn
 
 import prime_implicit_prm as prime
@@ -597,13 +601,155 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_clear_errors(tmp_path):
-    proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path))
-    assert proc.returncode != 0 and "run the build stage first" in proc.stderr
-    proc = run_script("sveb_eval.py", "--stage", "build", "--group-size", "0", "--output-dir", str(tmp_path))
-    assert proc.returncode != 0 and "--group-size must be >= 1" in proc.stderr
-    proc = run_script("sveb_eval.py", "--estimators", "Numca", "Oracle", "--output-dir", str(tmp_path))
-    assert proc.returncode != 0 and "unknown estimator(s) ['Oracle']" in proc.stderr
-    proc = run_script("sveb_eval.py", "--num-truth", "4", "--mc-k", "9", "--output-dir", str(tmp_path))
-    assert proc.returncode != 0 and "--mc-k 9 must be at most --num-truth 4" in proc.stderr
-    assert not (tmp_path / "bench.jsonl").exists()  # refused before any build
+# ---- bad input: one line that starts with "error:", a non-zero exit, nothing written ----
+TINY = ["--model", "tiny-random", "--dataset", "arithmetic", "--num-problems", "2", "--num-presamples", "2",
+        "--group-size", "2", "--num-truth", "2", "--mc-k", "2", "--num-train-problems", "1", "--max-new-tokens", "8",
+        "--population", "all", "--no-train-filters"]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Placeholder -> a path: files and folders a user might pass by mistake."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "noanswer.jsonl").write_text('{"question": "What is 1 + 1?", "hint": "2"}\n')
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "model.safetensors").write_text("")
+    # a benchmark file built with other settings, and a data file with no trailing newline (not a benchmark file:
+    # its last line must not be dropped as if a build had been interrupted)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"kind": "header", "config": {"format": 2, "temperature": 0.5}})
+                                          + "\n")
+    (tmp_path / "data.jsonl").write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}')
+    return {"EMPTY": tmp_path / "empty.jsonl", "NOANSWER": tmp_path / "noanswer.jsonl",
+            "NOCONFIG": tmp_path / "noconfig", "OTHER": tmp_path / "other.jsonl", "NOTBENCH": tmp_path / "data.jsonl",
+            "FILE": tmp_path / "data.jsonl", "FOLDER": tmp_path / "noconfig"}
+
+
+# Refused by check_args before anything is loaded: checked in-process (fast). Every ranged field is here.
+OUT_OF_RANGE = [
+    (["--num-problems", "0"], "--num-problems must be >= 1 (got 0)"),
+    (["--num-presamples", "0"], "--num-presamples must be >= 1"),
+    (["--group-size", "0"], "--group-size must be >= 1"),
+    (["--num-truth", "-2"], "--num-truth must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
+    (["--gen-batch-size", "0"], "--gen-batch-size must be >= 1"),
+    (["--vllm-max-model-len", "0"], "--vllm-max-model-len must be >= 1"),
+    (["--mc-k", "0"], "--mc-k must be >= 1"),
+    (["--number-min-count", "0"], "--number-min-count must be >= 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--window", "0"], "--window must be >= 1"),
+    (["--k-max", "0"], "--k-max must be >= 1"),
+    (["--k-min", "0"], "--k-min must be >= 1"),
+    (["--critic-batch-size", "0"], "--critic-batch-size must be >= 1"),
+    (["--critic-epochs", "0"], "--critic-epochs must be >= 1"),
+    (["--critic-eval-every", "0"], "--critic-eval-every must be >= 1"),
+    (["--prm-batch-size", "0"], "--prm-batch-size must be >= 1"),
+    (["--prm-minibatch-size", "0"], "--prm-minibatch-size must be >= 1"),
+    (["--prm-passes", "0"], "--prm-passes must be >= 1"),
+    (["--num-train-problems", "-1"], "--num-train-problems must be >= 0"),
+    (["--min-gap-chars", "-1"], "--min-gap-chars must be >= 0"),
+    (["--critic-learning-rate", "-1e-6"], "--critic-learning-rate must be >= 0"),
+    (["--prm-learning-rate", "-1e-6"], "--prm-learning-rate must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--d-min", "0"], "--d-min must be > 0"),
+    (["--beta", "-0.05"], "--beta must be > 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
+    (["--critic-heldout", "0"], "--critic-heldout must be in (0, 1]"),
+    (["--critic-heldout", "1"], "--critic-heldout must be < 1"),
+    (["--ema-alpha", "-0.1"], "--ema-alpha must be in [0, 1]"),
+    (["--ema-alpha", "1"], "--ema-alpha must be < 1"),
+    (["--critic-warmup-ratio", "1.5"], "--critic-warmup-ratio must be in [0, 1]"),
+    (["--critic-min-lr-ratio", "-0.1"], "--critic-min-lr-ratio must be in [0, 1]"),
+    (["--temperature", "nan"], "--temperature is NaN"),
+    (["--beta", "nan"], "--beta is NaN"),
+    (["--k-min", "9", "--k-max", "3"], "--k-min 9 must be at most --k-max 3"),
+    (["--estimators", "GRPO", "Oracle"], "unknown estimator(s) ['Oracle']"),
+    (["--num-truth", "4", "--mc-k", "9"], "--mc-k 9 must be at most --num-truth 4"),
+    (["--num-train-problems", "0"], "need training problems"),
+    (["--prm-minibatch-size", "8", "--micro-batch-size", "3"], "--micro-batch-size 3 must divide"),
+    (["--output-dir", "FILE"], "is a file: pass a folder"),
+    (["--bench-file", "FOLDER"], "is a folder: pass a file"),
+]
+if not torch.cuda.is_available():
+    OUT_OF_RANGE.append((["--device", "cuda"], "no CUDA device"))
+
+
+@pytest.mark.parametrize("argv,message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_out_of_range_flag_is_one_line(argv, message, bad_files):
+    args = tyro.cli(Args, args=TINY + [str(bad_files.get(a, a)) for a in argv])
+    with pytest.raises(SystemExit) as exc:
+        sveb_eval.check_args(args)
+    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_every_numeric_flag_has_a_range(monkeypatch):
+    rules = {}
+    monkeypatch.setattr(sveb_eval, "check_ranges", lambda args, r: rules.update(r))
+    sveb_eval.check_args(Args())
+    ranged = [name for names in rules.values() for name in names]
+    hints = typing.get_type_hints(Args)
+
+    def numeric(hint):  # int, float, int | None, float | None (not bool, not a Literal or a tuple)
+        parts = set(typing.get_args(hint)) - {type(None)} if typing.get_args(hint) else {hint}
+        return parts <= {int, float}
+
+    assert len(ranged) == len(set(ranged))  # one rule per field
+    assert set(ranged) == {f.name for f in dataclasses.fields(Args) if numeric(hints[f.name])} - {"seed"}
+
+
+def test_boundary_values_are_accepted(bad_files):
+    args = tyro.cli(Args, args=TINY + ["--stage", "build", "--num-train-problems", "0", "--min-gap-chars", "0",
+                                       "--top-p", "1", "--ema-alpha", "0", "--critic-warmup-ratio", "1",
+                                       "--critic-min-lr-ratio", "0", "--critic-learning-rate", "0",
+                                       "--prm-learning-rate", "0", "--k-min", "5", "--k-max", "5",
+                                       "--vllm-gpu-memory-utilization", "1", "--critic-heldout", "0.99"])
+    sveb_eval.check_args(args)
+    assert args.bench_file.endswith("bench.jsonl")
+
+
+def test_no_training_problems_loads_no_training_split(tmp_path, monkeypatch):
+    # load_problems(size=0) would mean the whole split (10,000 generated problems): it must not be asked at all
+    calls = []
+    monkeypatch.setattr(sveb_eval, "load_problems",
+                        lambda dataset, split, size, seed: calls.append((split, size)) or [])
+    sveb_eval.build(tiny_args(tmp_path, num_train_problems=0, estimators=("GRPO",), stage="build"))
+    assert calls == [("test", 2)]
+
+
+# Found when a file or the model is read. In-process through main(), as __main__ reports them; the ones marked
+# True also as a user sees them, in a subprocess.
+BAD_FILES = [
+    (["--model", "/no/such/model"], "does not exist", True),
+    (["--model", "NOCONFIG"], "has no config.json", False),
+    (["--dataset", "nowhere.jsonl"], "does not exist", False),
+    (["--dataset", "EMPTY"], "is empty", True),
+    (["--dataset", "NOANSWER"], "has no answer (answer/final_answer/solution) field", True),
+    (["--dataset", "what"], "unknown dataset 'what'", False),
+    (["--bench-file", "OTHER"], "was built with other settings (model: file None vs now 'tiny-random'", True),
+    (["--bench-file", "NOTBENCH"], "is not an SVEB benchmark file", False),
+    (["--stage", "eval"], "does not exist; run the build stage first", True),
+]
+
+
+@pytest.mark.parametrize("argv,message,subprocess", BAD_FILES, ids=[" ".join(a) for a, _, _ in BAD_FILES])
+def test_bad_file_or_model_is_one_line_and_writes_nothing(argv, message, subprocess, bad_files, tmp_path):
+    out = tmp_path / "out"
+    argv = TINY + ["--output-dir", str(out)] + [str(bad_files.get(a, a)) for a in argv]
+    before = {k: p.read_bytes() for k, p in bad_files.items() if p.is_file()}
+    try:
+        sveb_eval.main(tyro.cli(Args, args=argv))
+        pytest.fail("accepted")
+    except (sveb_eval.ModelLoadError, sveb_eval.DataError) as e:  # what __main__ prints as "error: ..."
+        line = f"error: {e}"
+    except SystemExit as e:
+        line = str(e)
+    assert line.startswith("error: ") and message in line and "\n" not in line
+    if subprocess:
+        proc = run_script("sveb_eval.py", *argv)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
+    assert not out.exists()
+    assert {k: p.read_bytes() for k, p in bad_files.items() if p.is_file()} == before  # nothing touched
