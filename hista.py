@@ -86,6 +86,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -98,10 +99,13 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.args import check_ranges
+from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
+                           resolve_model_path)
 
 
 @dataclass
@@ -171,6 +175,12 @@ class Args:
     """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); Ctrl-C writes one after the current step, then exits"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: str | None = None
+    """continue the run in this folder from its newest checkpoint, with the arguments it was started with"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "llm-rl-reference"
@@ -496,7 +506,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, with_hidden: bool = False,
-                      chunk: int = 1024):
+                      chunk: int = 256):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]
     [, last-layer hidden states at every column of the batch, prompt and response, (B, P + T, D) in float32 on
     the model's device, from the same forward pass].
@@ -504,8 +514,8 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
     Memory-lean: the model computes logits only at the T positions that predict response tokens
     (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
     chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
-    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
-    gradient) is computed from the same chunks."""
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB, one 256-position chunk 0.15 GiB.
+    The entropy (a statistic, no gradient) is computed from the same chunks."""
     dev = model.device
     T = batch.response_mask.shape[1]
     # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
@@ -573,7 +583,18 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject inconsistent batch sizes before anything is loaded or written."""
+    """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
+                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
+                 "keep_checkpoints", "vllm_max_model_len",
+                 "interval", "window", "k_max", "k_min", "dynamic_sampling_scale"],
+        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps_low", "clip_eps_high",
+                "max_ratio", "d_min"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
+        "in [0, 1]": ["warmup_ratio", "lam"],
+    })
     args.batch_size = args.num_prompts * args.samples_per_prompt
     if args.batch_size % args.minibatch_size:
         raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
@@ -584,14 +605,12 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.d_min <= 0 or args.interval < 1 or args.window < 1 or not 0 <= args.ema_alpha < 1:
-        raise SystemExit("error: --d-min must be > 0, --interval and --window >= 1, and 0 <= --ema-alpha < 1")
-    if not 1 <= args.k_min <= args.k_max:
-        raise SystemExit("error: need 1 <= --k-min <= --k-max")
-    if args.dynamic_sampling_scale < 1:
-        raise SystemExit("error: --dynamic-sampling-scale must be >= 1 (1: off)")
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if not 0 <= args.ema_alpha < 1:  # 1 would never move from 0 (and divide by 1 - 1^t = 0)
+        raise SystemExit(f"error: --ema-alpha must be in [0, 1) (got {args.ema_alpha})")
+    if args.k_min > args.k_max:
+        raise SystemExit(f"error: --k-min must be <= --k-max (got {args.k_min} > {args.k_max})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -604,6 +623,8 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
+        args = Args(**{**saved_args(args.resume), "resume": args.resume})
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -617,6 +638,11 @@ def main(args: Args) -> None:
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    # The reference is loaded only with --kl-coef > 0.
+    check_memory(args.model, device, trainable=1, frozen=int(args.kl_coef > 0), frozen_dtype=ref_dtype,
+                 backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
@@ -637,16 +663,49 @@ def main(args: Args) -> None:
                                seed=args.seed, max_model_len=args.vllm_max_model_len,
                                enforce_eager=args.vllm_enforce_eager)
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators): Hista's values come
+    # from the step's own rollouts. The prompts of a step (dynamic sampling's too) are a function of the step alone
+    # and its rollouts are seeded by it, so a resumed run draws and samples what a run that never stopped would.
+    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
+        state = load_checkpoint(checkpoint)
+        policy.load_state_dict(state["models"]["policy"])
+        policy_opt.load_state_dict(state["optimizers"]["policy"])
+        policy_sched.load_state_dict(state["schedulers"]["policy"])
+        generator.sync_weights(policy)
+        os.truncate(metrics_path, state["metrics_bytes"])
+        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
+        tqdm.write(f"resuming {run_dir} after step {state['step']}")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
+    if not args.resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time()
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
+                   resume="allow" if args.resume else None)
+    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time() - elapsed
+    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def run_eval(step: int) -> float:
         acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
@@ -655,9 +714,12 @@ def main(args: Args) -> None:
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
         return acc
 
-    eval_acc = run_eval(0)
-    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    if not args.resume:
+        eval_acc = run_eval(0)
+        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    else:
+        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
+    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
@@ -791,7 +853,8 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/hista": t_hista, "time/update": t_update,
-            "hista/time_share": t_hista / step_time, **hista_stats,
+            "time/hista_share": t_hista / step_time,  # a wall-clock ratio: under time/, as the other timings
+            **hista_stats,
         }
         if args.dynamic_sampling_scale > 1:
             logs["charts/kept_reward_mean"] = scores.mean()
@@ -804,6 +867,19 @@ def main(args: Args) -> None:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
         progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if stop["requested"] or (args.save_every and step % args.save_every == 0):
+            history.flush()
+            save_checkpoint(run_dir, step, {
+                "models": {"policy": policy.state_dict()},
+                "optimizers": {"policy": policy_opt.state_dict()},
+                "schedulers": {"policy": policy_sched.state_dict()},
+                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
+                "eval_acc": eval_acc}, keep=args.keep_checkpoints)
+        if stop["requested"]:
+            tqdm.write(f"stopped after step {step}; continue with: python hista.py --resume {run_dir}")
+            history.close()
+            writer.close()
+            return
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

@@ -2,11 +2,12 @@
 written so far, on a GRPO/DAPO base. No critic, no extra model pass.
 
 The state of a math response is the SET of distinct numbers it has written so far. For each prompt, a
-table kept for the whole run maps state -> (count, reward sum) over every rollout that passed through
-it, so V(state) is the mean final reward of those rollouts (V(empty set) is the prompt's running pass
-rate). A response is cut into segments where a new number appears ("milestones"); each token of segment
-j gets R - V(state_j) (the lambda = 1 case of a GAE-style pass over segments), divided by the group's
-reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28), token-level mean, no KL.
+table kept for the whole run (and in its checkpoints: a resumed run reads the same values) maps state ->
+(count, reward sum) over every rollout that passed through it, so V(state) is the mean final reward of
+those rollouts (V(empty set) is the prompt's running pass rate). A response is cut into segments where a
+new number appears ("milestones"); each token of segment j gets R - V(state_j) (the lambda = 1 case of a
+GAE-style pass over segments), divided by the group's reward std + 1e-4. The loss is DAPO's: clip-higher
+(0.2 / 0.28), token-level mean, no KL.
 `--no-numca` gives plain GRPO/DAPO from the same file: every token gets (R - group mean) / (std + 1e-4).
 
 Choices and departures (shared/docs/ALGORITHMS.md sections 4 and 5; official code VOXXXX1874/Hista):
@@ -71,6 +72,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -84,10 +86,13 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.args import check_ranges
+from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
+                           resolve_model_path)
 
 
 @dataclass
@@ -157,6 +162,12 @@ class Args:
     """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); Ctrl-C writes one after the current step, then exits"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: str | None = None
+    """continue the run in this folder from its newest checkpoint, with the arguments it was started with"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "llm-rl-reference"
@@ -293,6 +304,18 @@ class NumcaTable:
 
     def count(self, prompt_id: str, state: frozenset) -> int:
         return self.tables.get(prompt_id, {}).get(state, (0, 0.0))[0]
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: every prompt's states with their counts and reward sums, in the order the
+        prompts were last updated (the order the cap forgets them in)."""
+        return {"tables": [(prompt_id, [(sorted(state), *entry) for state, entry in table.items()])
+                           for prompt_id, table in self.tables.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the table with one from state_dict() (the cap stays this table's own)."""
+        self.tables = OrderedDict((prompt_id, {frozenset(numbers): [count, total] for numbers, count, total in rows})
+                                  for prompt_id, rows in state["tables"])
+        self.size = sum(len(table) for table in self.tables.values())
 
 
 def segment_advantages(values: list[float], reward: float, lam: float = 1.0) -> list[float]:
@@ -450,14 +473,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 256):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)].
 
     Memory-lean: the model computes logits only at the T positions that predict response tokens
     (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
     chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
-    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
-    gradient) is computed from the same chunks."""
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB, one 256-position chunk 0.15 GiB.
+    The entropy (a statistic, no gradient) is computed from the same chunks."""
     dev = model.device
     T = batch.response_mask.shape[1]
     # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
@@ -511,7 +534,18 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject inconsistent batch sizes before anything is loaded or written."""
+    """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
+                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
+                 "keep_checkpoints", "vllm_max_model_len",
+                 "max_table_states", "dynamic_sampling_scale"],
+        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every", "min_gap_tokens"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps_low", "clip_eps_high",
+                "max_ratio"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
+        "in [0, 1]": ["warmup_ratio", "lam"],
+    })
     args.batch_size = args.num_prompts * args.samples_per_prompt
     if args.batch_size % args.minibatch_size:
         raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
@@ -522,12 +556,8 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.min_gap_tokens < 0:
-        raise SystemExit("error: --min-gap-tokens must be >= 0")
-    if args.dynamic_sampling_scale < 1:
-        raise SystemExit("error: --dynamic-sampling-scale must be >= 1 (1: off)")
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -540,6 +570,8 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
+        args = Args(**{**saved_args(args.resume), "resume": args.resume})
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -553,6 +585,11 @@ def main(args: Args) -> None:
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    # The reference is loaded only with --kl-coef > 0.
+    check_memory(args.model, device, trainable=1, frozen=int(args.kl_coef > 0), frozen_dtype=ref_dtype,
+                 backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
@@ -574,16 +611,50 @@ def main(args: Args) -> None:
                                seed=args.seed, max_model_len=args.vllm_max_model_len,
                                enforce_eager=args.vllm_enforce_eager)
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators) plus Numca's table.
+    # The prompts of a step (dynamic sampling's too) are a function of the step alone and its rollouts are
+    # seeded by it, so a resumed run draws and samples what a run that never stopped would.
+    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
+        state = load_checkpoint(checkpoint)
+        policy.load_state_dict(state["models"]["policy"])
+        policy_opt.load_state_dict(state["optimizers"]["policy"])
+        policy_sched.load_state_dict(state["schedulers"]["policy"])
+        table.load_state_dict(state["numca_table"])
+        generator.sync_weights(policy)
+        os.truncate(metrics_path, state["metrics_bytes"])
+        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
+        tqdm.write(f"resuming {run_dir} after step {state['step']}")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
+    if not args.resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time()
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
+                   resume="allow" if args.resume else None)
+    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time() - elapsed
+    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def run_eval(step: int) -> float:
         acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
@@ -592,9 +663,12 @@ def main(args: Args) -> None:
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
         return acc
 
-    eval_acc = run_eval(0)
-    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    if not args.resume:
+        eval_acc = run_eval(0)
+        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    else:
+        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
+    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
@@ -731,7 +805,8 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/numca": t_numca, "time/update": t_update,
-            "numca/time_share": t_numca / step_time, **numca_stats,
+            "time/numca_share": t_numca / step_time,  # a wall-clock ratio: under time/, as the other timings
+            **numca_stats,
         }
         if args.dynamic_sampling_scale > 1:
             logs["charts/kept_reward_mean"] = scores.mean()
@@ -744,6 +819,19 @@ def main(args: Args) -> None:
             eval_acc = run_eval(step)
             tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
         progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
+        if stop["requested"] or (args.save_every and step % args.save_every == 0):
+            history.flush()
+            save_checkpoint(run_dir, step, {
+                "models": {"policy": policy.state_dict()},
+                "optimizers": {"policy": policy_opt.state_dict()},
+                "schedulers": {"policy": policy_sched.state_dict()},
+                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
+                "eval_acc": eval_acc, "numca_table": table.state_dict()}, keep=args.keep_checkpoints)
+        if stop["requested"]:
+            tqdm.write(f"stopped after step {step}; continue with: python numca.py --resume {run_dir}")
+            history.close()
+            writer.close()
+            return
         if out_of_time:
             tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
             break

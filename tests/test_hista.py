@@ -1,14 +1,16 @@
 """hista.py: the EMA, the prompt-and-response representation, MinDistance, the batched prefix distances, the
-k schedule, the neighbour pool, the kNN values, one forward pass for log-probs and hidden states, end to end."""
+k schedule, the neighbour pool, the kNN values, one forward pass for log-probs and hidden states, Hista's range
+checks, end to end. Resuming a killed run and the shared bad-input table: tests/test_trainers.py."""
 
 import math
 import random
 
 import pytest
 import torch
+import tyro
 
 from conftest import run_tiny
-from hista import (Batch, candidate_prefixes, ema_smooth, hista_group_values, in_micro_batches, knn_value, linear_k,
+from hista import (Args, Batch, candidate_prefixes, check_args, ema_smooth, hista_group_values, in_micro_batches, knn_value, linear_k,
                    make_batch, min_distance, prefix_distances, response_logprobs, state_representation, window_means)
 
 
@@ -257,8 +259,41 @@ TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--eval-every", "1", "--interval", "4"]
 
 
+# Hista's own flags (the shared ones are in tests/test_trainers.py's table): one "error:" line from check_args.
+HISTA_OUT_OF_RANGE = [
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--window", "0"], "--window must be >= 1"),
+    (["--k-min", "0"], "--k-min must be >= 1"),
+    (["--k-max", "0"], "--k-max must be >= 1"),
+    (["--k-min", "10", "--k-max", "5"], "--k-min must be <= --k-max"),
+    (["--d-min", "0"], "--d-min must be > 0"),
+    (["--ema-alpha", "1"], "--ema-alpha must be in [0, 1)"),
+    (["--ema-alpha", "-0.1"], "--ema-alpha must be in [0, 1)"),
+    (["--ema-alpha", "nan"], "--ema-alpha is NaN"),
+    (["--lam", "2"], "--lam must be in [0, 1]"),
+    (["--dynamic-sampling-scale", "0"], "--dynamic-sampling-scale must be >= 1"),
+    (["--clip-eps-high", "0"], "--clip-eps-high must be > 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", HISTA_OUT_OF_RANGE, ids=[" ".join(a) for a, _ in HISTA_OUT_OF_RANGE])
+def test_out_of_range_hista_flag_is_one_line(argv, message):
+    args = tyro.cli(Args, args=TINY + argv)
+    with pytest.raises(SystemExit) as exc:
+        check_args(args)
+    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_k_min_equal_to_k_max_is_allowed():
+    args = tyro.cli(Args, args=TINY + ["--k-min", "8", "--k-max", "8", "--ema-alpha", "0"])
+    check_args(args)
+    assert args.batch_size == 4
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-hista"]])
 def test_hista_end_to_end(tmp_path, flags):
     _, records = run_tiny("hista.py", tmp_path, *TINY, *flags)
     train = [r for r in records if "losses/policy_loss" in r]
     assert len(train) == 2 and ("hista/states_per_response" in train[0]) == (not flags)
+    assert "time/hista_share" in train[0]  # wall-clock: under time/, left out of the resume comparison

@@ -1,14 +1,17 @@
-"""numca.py: numbers and milestones, the run-long table, the token mapping, segment advantages, the zero-std
-guard, dynamic sampling, the loss helpers, end to end."""
+"""numca.py: numbers and milestones, the run-long table (and its checkpoint), the token mapping, segment
+advantages, the zero-std guard, dynamic sampling, the loss helpers, Numca's range checks, end to end.
+Resuming a killed run and the shared bad-input table: tests/test_trainers.py."""
 
 import math
 import random
 
 import pytest
 import torch
+import tyro
 
+from common.checkpoint import latest_checkpoint, load_checkpoint
 from conftest import run_tiny
-from numca import (NumcaTable, group_scale, grpo_advantages, kl_k3, lr_multiplier, merge_milestones,
+from numca import (Args, NumcaTable, check_args, group_scale, grpo_advantages, kl_k3, lr_multiplier, merge_milestones,
                    milestone_tokens, number_milestones, number_states, parse_numbers, ppo_policy_loss,
                    segment_advantages, select_prompts, token_char_ends, token_segments)
 
@@ -171,6 +174,22 @@ def test_table_cap_forgets_the_oldest_prompts():
     assert t.size == 2 and "a" not in t.tables and t.value("b", S({"2"})) == 1.0
 
 
+def test_table_state_dict_round_trip_through_a_checkpoint_file(tmp_path):
+    # The checkpoint keeps plain data (no pickled frozensets): torch.load's safe mode reads it back.
+    t = NumcaTable(max_states=5)
+    t.update("a", [S(), S({"1"}), S({"1", "2.5"})], 1.0)
+    t.update("b", [S(), S({"7"})], 0.0)
+    t.update("a", [S(), S({"1"})], 0.0)  # "a" is now the most recently updated prompt
+    torch.save({"numca_table": t.state_dict()}, tmp_path / "state.pt")
+    u = NumcaTable(max_states=5)
+    u.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["numca_table"])
+    assert u.tables == t.tables and list(u.tables) == ["b", "a"] and u.size == t.size == 5
+    assert u.value("a", S({"1"})) == 0.5 and u.count("a", S()) == 2 and u.value("a", S({"1", "2.5"})) == 1.0
+    for table in (t, u):  # the same next update evicts the same prompt: "b", updated longest ago
+        table.update("c", [S()], 1.0)
+    assert list(u.tables) == list(t.tables) == ["a", "c"] and u.size == t.size == 4
+
+
 def test_segment_advantages():
     assert segment_advantages([0.5, 0.25, 1.0], 1.0, lam=1.0) == [0.5, 0.75, 0.0]
     # lam = 0.5: deltas -0.25, 0.75, 0.0 -> A2 = 0, A1 = 0.75, A0 = -0.25 + 0.375
@@ -255,9 +274,41 @@ TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--eval-every", "1"]
 
 
+# Numca's own flags (the shared ones are in tests/test_trainers.py's table): one "error:" line from check_args.
+NUMCA_OUT_OF_RANGE = [
+    (["--min-gap-tokens", "-1"], "--min-gap-tokens must be >= 0"),
+    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (["--max-table-states", "0"], "--max-table-states must be >= 1"),
+    (["--dynamic-sampling-scale", "0"], "--dynamic-sampling-scale must be >= 1"),
+    (["--clip-eps-low", "0"], "--clip-eps-low must be > 0"),
+    (["--clip-eps-high", "-0.1"], "--clip-eps-high must be > 0"),
+    (["--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    (["--max-ratio", "nan"], "--max-ratio is NaN"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", NUMCA_OUT_OF_RANGE, ids=[" ".join(a) for a, _ in NUMCA_OUT_OF_RANGE])
+def test_out_of_range_numca_flag_is_one_line(argv, message):
+    args = tyro.cli(Args, args=TINY + argv)
+    with pytest.raises(SystemExit) as exc:
+        check_args(args)
+    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-numca", "--dynamic-sampling-scale", "2"]])
 def test_numca_end_to_end(tmp_path, flags):
-    _, records = run_tiny("numca.py", tmp_path, *TINY, *flags)
+    # 2 training problems: step 2 draws step 1's prompts again, so the run-long table grows across steps.
+    run_dir, records = run_tiny("numca.py", tmp_path, *TINY, *flags, "--num-train-problems", "2", "--save-every", "1")
     train = [r for r in records if "losses/policy_loss" in r]
     assert len(train) == 2 and ("numca/table_size" in train[0]) == (not flags)
     assert ("charts/kept_reward_mean" in train[0]) == bool(flags)
+    assert "time/numca_share" in train[0]  # wall-clock: under time/, left out of the resume comparison
+    # The last checkpoint carries the table as it was after step 2: both prompts, each seen by 2 x 2 rollouts.
+    state = load_checkpoint(latest_checkpoint(str(run_dir)))
+    table = NumcaTable()
+    table.load_state_dict(state["numca_table"])
+    assert state["step"] == 2 and table.size == (train[1]["numca/table_size"] if not flags else 0)
+    if not flags:
+        assert train[1]["numca/seen_state_token_frac"] > 0  # step 2 read states step 1 had put in the table
+        assert len(table.tables) == 2 and all(table.count(p, S()) == 4 for p in table.tables)
