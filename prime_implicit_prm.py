@@ -6,21 +6,84 @@ a frozen reference. The PRM's token reward is r_t = beta * (log pi_prm(y_t | y_<
 exactly 0 at the start. Each step, the PRM is trained with a cross-entropy loss that makes
 sigmoid(beta * sum_t of that log-ratio) predict the outcome (correct / wrong), so the sum of the token
 rewards learns to be a log-odds of success and each token's share of it a process reward. The policy's
-advantage is RLOO over K samples per prompt, in two parts computed separately and added: the outcome
-part R_i - mean_{j != i} R_j, and the process part, at token t the sum over later tokens of
-r_s - mean_{j != i}(mean token reward of response j). PPO clipped loss, no KL. Prompts whose K samples
-are all right or all wrong teach nothing: an online filter keeps prompts with 20% to 80% right.
+advantage is RLOO over K samples per prompt, in two parts, outcome and process (below). PPO clipped loss,
+no KL. Prompts whose K samples are all right or all wrong teach nothing: an online filter keeps prompts
+with 20% to 80% right and draws more until the batch is full.
+
+Advantages: the official pipeline by default (`official_prime_advantages`, as PRIME-RL/PRIME's
+`compute_rloo_returns` and the verl recipe's `compute_rloo_advantage_return` run it). This pipeline, not
+the paper's Eq. 5 alone, produced the paper's numbers:
+  1. the raw token rewards are divided by (the batch's largest |reverse cumulative sum| + 1e-6);
+  2. leave-one-out in the form r * K/(K-1) - sum_j mean_j / (K-1), on the process rewards (mean_j: response
+     j's mean token reward) and on the outcome reward (on the last token);
+  3. both weighed by 5 and summed, returns = reverse cumulative sum, whitened over the batch's response
+     tokens (unbiased variance, eps 1e-8).
+`--no-official-normalisation` gives Eq. 5 as the paper writes it: outcome R_i - mean_{j != i} R_j on every
+token plus process returns sum_{s >= t} (r_s - mean_{j != i} mean_j), neither normalised nor whitened.
+The two leave-one-out forms differ per token: r_t K/(K-1) - sum_j mean_j/(K-1) = (r_t - mean_{j != i} mean_j)
++ (r_t - mean_i)/(K-1); the extra term sums to 0 over a response, so the return at its first token is the
+same, the returns at later tokens are not. The official pipeline is the default because it is what the paper
+trained with, and because at this scale the two differ in kind, not in detail. Measured on the default model
+(real rollouts, steps 1 and 2 of `--num-prompts 4 --minibatch-size 8 --micro-batch-size 4 --max-new-tokens
+96`, both pipelines read on the same batches): the std of the process part over the response tokens is 0.45
+and 0.36 of the outcome part's with the official pipeline, 0.09 and 0.07 with Eq. 5. The batch normalisation
+gives the process rewards a fixed size whatever the PRM has learned, while Eq. 5's are beta times the PRM's
+log-ratio, still about 1e-3 per token here, so that Eq. 5 trains nearly plain RLOO. Both are logged every
+step (`prime/std_ratio_official`, `prime/std_ratio_eq5`); which one trains better here is for a long run.
+The paper's baseline is `--process-reward-coef 0`: the official pipeline's outcome RLOO, whitened (its RLOO
+runs went through the same returns function, which always whitens), with no PRM and no reference loaded.
+(`--process-reward-coef 0 --no-official-normalisation` is the unwhitened R_i - mean_{j != i} R_j instead.)
 
 Choices and departures (shared/docs/ALGORITHMS.md section 3):
-- `--process-reward-coef 0` is plain RLOO with outcome rewards only, the paper's baseline, from this file.
-- The process returns are used as the paper writes them. The official code also divides them by the
-  batch's largest absolute return and whitens the sum of both parts: `--official-normalisation`. It is
-  off by default so that `--process-reward-coef 0` is exactly the RLOO the paper compares against.
-- The policy's rewards come from the PRM before this step's PRM update (the paper's default, "single
-  forward"); `--prm-update-first` updates the PRM first and re-reads them.
-- Defaults sized for the offline CPU run as in ppo.py (8 prompts x K = 4, lr 1e-5 for policy and PRM,
-  T = 0.6, 128 new tokens); the paper: 256 prompts x 4, policy lr 5e-7, PRM lr 1e-6, T = 1.0.
-- `--ref-on-cpu` keeps the frozen reference on the CPU when GPU memory is short.
+- The PRM and the reference's log-probs for the implicit reward come from raw logits (T = 1), as the
+  official code reads them; the policy's ratio and its KL to the reference use the sampling temperature.
+  One forward of the reference gives both (`reference_logprobs`): the second temperature costs one more
+  float32 log-softmax over the vocabulary per chunk, not a second pass (measured on the CPU, default model,
+  8 x (40 + 100) tokens: 0.19 CPU-s on top of the pass's 2.9, +7%, against +100% for a second pass).
+- The PRM update is the official script's "single forward" (PRIME-RL/PRIME `update=after`): one pass over
+  the step's minibatches; each minibatch's token rewards come from the same forward as its CE loss, before
+  its own optimizer step (with two minibatches, the second one's rewards come from a PRM already stepped
+  once on the first). `--prm-update-first` is the double forward (the verl recipe's `update=before`): the
+  rewards are re-read after the update. `prime/prm_loss` is therefore a held-out loss: each minibatch's loss
+  before the step that trains on it. `prime/prm_acc_before` / `prime/prm_acc_after` are the official
+  `dpo_acc_before` / `dpo_acc_after` (pairwise ranking accuracy within each prompt's K responses); the
+  "after" one needs a no-grad PRM pass after the update (one PRM forward per step, which the double
+  forward then reuses as its rewards).
+- Optimizers as the official code (PRIME-RL/PRIME training/examples/run_prime_main.sh with
+  verl/trainer/config/ppo_trainer.yaml and verl/workers/fsdp_workers.py; the verl recipe recipe/prime,
+  run_prime_qwen.sh + prime_trainer.yaml, sets the same): AdamW with betas (0.9, 0.999) and eps 1e-8 for
+  both. Policy: weight decay 0.01 (the code's default, the config sets none), constant learning rate with
+  no warm-up (lr_warmup_steps_ratio 0), gradient clipping 1.0. PRM: weight decay 0, constant learning rate,
+  no warm-up, gradient clipping 10 (`--prm-weight-decay`, `--prm-max-grad-norm`). Flags: --adam-eps,
+  --weight-decay, --warmup-ratio, --lr-decay (shared by both models, each with its own scheduler).
+- Schedule: the policy takes 2 epochs x 2 minibatches per step here (4 optimizer steps on each expensive
+  CPU batch). The official runs take one epoch: the verl recipe in one minibatch (64 prompts x 4), the
+  paper's own script (PRIME-RL/PRIME) in 4 minibatches of 256 responses out of 1,024 (ppo_mini_batch_size
+  counts responses in that verl version). The PRM takes one pass in the policy's minibatches, as both
+  official codes do.
+- The batch is filled as the official trainer fills it (ray_trainer.fit): generate, filter, repeat until
+  num_prompts prompts passed, keep the surplus for the next step. Like the official `add_to_buffer`, the
+  surplus is kept as prompts only (re-sampled next step by the updated policy, so the batch stays
+  on-policy). The draws are capped (`--max-prompt-draws`); a step that hits the cap trains on what passed
+  and says so; `prime/batch_fill` logs the share of the batch filled.
+- KL coefficient 0 as the paper; the k1 and k3 KL to the reference are still logged (the reference is
+  there for the PRM anyway). Defaults sized for the offline CPU run as in ppo.py (8 prompts x K = 4, lr 1e-5
+  for policy and PRM, T = 0.6, 128 new tokens); the paper: 256 prompts x 4, policy lr 5e-7, PRM lr 1e-6,
+  T = 1.0. `--ref-on-cpu` keeps the frozen reference on the CPU when GPU memory is short.
+- KL and ratio safety as VinePPO's code (as ppo.py): per-token k3 clamped to [0, 10]; log-ratios masked
+  before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped and counted
+  (losses/skipped).
+- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes, the PRM's
+  update and its no-grad pass, and every epoch of the policy's update run exactly those micro-batches
+  (epochs shuffle their order), so at unchanged weights the update's log-probs equal the old ones bit for
+  bit and clipfrac / approx_kl / kl_ref_k3 measure only the update. The price: the no-grad passes use the
+  update's micro-batch size.
+- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
+  autograd); the PRM trains before the policy, and the policy's graph is freed by its backward before the
+  next micro-batch; gradient checkpointing on CUDA by default; the frozen reference in bfloat16 on CUDA (on
+  the CPU it stays float32 so that it reproduces the policy's log-probs exactly at step 0).
+- The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
+  sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
 
 Run:  python prime_implicit_prm.py                                         # CPU, offline, default
       python prime_implicit_prm.py --process-reward-coef 0                 # the RLOO baseline
@@ -30,7 +93,9 @@ Run:  python prime_implicit_prm.py                                         # CPU
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -42,6 +107,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -73,30 +139,40 @@ class Args:
     """cpu, cuda, or auto (cuda when available)"""
     bf16: bool = True
     """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy and the PRM"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 8
-    """prompts per iteration (after the accuracy filter)"""
+    """prompts per iteration (that passed the accuracy filter)"""
     samples_per_prompt: int = 4
     """K: responses sampled per prompt (RLOO's group); the batch is num_prompts * K samples"""
     max_new_tokens: int | None = None
     """response length limit in tokens (None: 128 for generated tasks, 512 for gsm8k, math and files)"""
     temperature: float = 0.6
-    """sampling temperature (VinePPO's 0.6); log-probs for the ratio and KL use the same temperature"""
+    """sampling temperature (VinePPO's 0.6); the policy's ratio and KL use it too, the PRM's reward uses T = 1"""
     top_p: float = 1.0
     """nucleus sampling; below 1 the update is slightly off-policy"""
     num_epochs: int = 2
     """passes of PPO updates over each batch"""
     minibatch_size: int = 16
-    """samples per optimizer step; must divide the batch"""
+    """samples per optimizer step (policy and PRM); must divide the batch"""
     micro_batch_size: int = 8
     """samples per forward/backward (gradient accumulation); must divide minibatch_size"""
     gen_batch_size: int = 64
     """sequences per generate call of the hf backend"""
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon of the policy and the PRM (the official code: torch's default 1e-8)"""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay of the policy (the official code's default 0.01)"""
+    warmup_ratio: float = 0.0
+    """share of the run's optimizer steps (over --num-steps) with a linear learning-rate warm-up from 0
+    (the official code: 0)"""
+    lr_decay: Literal["linear", "constant"] = "constant"
+    """after the warm-up: constant (the official code), or linear decay towards 0 at --num-steps. With
+    --max-minutes the schedule still spans --num-steps: a run stopped early ends above 0"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping of the policy"""
     num_train_problems: int = 10_000
     """training problems to draw from (generated tasks make this many)"""
     num_eval_problems: int = 200
@@ -115,30 +191,42 @@ class Args:
     """wandb project name (with --track)"""
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
+    vllm_max_model_len: int | None = None
+    """vLLM's context length in tokens (None: the model's own limit)"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 
     # ---- algorithm specific arguments ----
     beta: float = 0.05
     """scale of the implicit process reward beta * (log pi_prm - log pi_ref)"""
     prm_learning_rate: float = 1e-5
     """AdamW learning rate of the implicit PRM (the paper: 1e-6 at its scale)"""
+    prm_weight_decay: float = 0.0
+    """AdamW decoupled weight decay of the PRM (the official config: 0)"""
+    prm_max_grad_norm: float = 10.0
+    """gradient clipping of the PRM (the official scripts: 10)"""
     process_reward_coef: float = 1.0
-    """weight of the process part of the advantage (0: plain RLOO with outcome rewards, the baseline)"""
+    """weight of the process part against the outcome part (0: RLOO with outcome rewards only, the baseline)"""
+    official_normalisation: bool = True
+    """the official pipeline (batch-normalised process rewards, both parts whitened together); off: Eq. 5 as written"""
     prm_update_first: bool = False
-    """update the PRM before reading the policy's rewards (default: rewards from the PRM before its update)"""
-    official_normalisation: bool = False
-    """official code: process returns / the batch's largest |return|, then whiten the sum of both parts"""
+    """double forward: rewards from the PRM after this step's update (default: single forward, the official script)"""
     filter_low: float = 0.2
     """keep prompts whose K samples are right at least this often..."""
     filter_high: float = 0.8
     """...and at most this often"""
-    max_prompt_draws: int = 4
-    """draw at most this many times num_prompts prompts per step to fill the batch (then go with what passed)"""
+    max_prompt_draws: int = 8
+    """generation calls per step to fill the batch, each on num_prompts new prompts (plus the surplus); when
+    hit, the step trains on what passed and says so"""
     no_filter: bool = False
     """keep every prompt"""
     clip_eps: float = 0.2
     """PPO ratio clip"""
     kl_coef: float = 0.0
-    """coefficient of a k3 KL to the reference in the loss (the paper: none)"""
+    """coefficient of the k3 KL to the reference in the loss (per token clamped to [0, 10], summed per
+    sequence; the paper: none)"""
+    max_ratio: float = 10.0
+    """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
     ref_on_cpu: bool = False
     """keep the frozen reference on the CPU (slower; for GPUs short of memory)"""
 
@@ -148,8 +236,9 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions: each is tested on its own in tests/test_ppo.py.
+# The algorithm's pure functions: each is tested on its own in tests/test_prime.py.
 # Shapes: B = samples in the batch, T = response tokens (right-padded); mask is 1 on real response tokens.
+# Rows are prompt-major: prompt i's K samples are rows i*K ... i*K + K - 1.
 # ---------------------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if dim is None:
@@ -163,6 +252,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     n = mask.sum()
     var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): reverse cumulative sum along the response, sum_{s >= t} r_s (gamma = 1)."""
+    return rewards.flip(1).cumsum(1).flip(1)
 
 
 def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
@@ -184,6 +278,21 @@ def prm_ce_loss(prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: to
     return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
+def prm_pairwise_accuracy(implicit_logits: torch.Tensor, scores: torch.Tensor, K: int) -> float:
+    """The official `dpo_acc`: within each prompt's K responses, over the pairs (a < b) whose outcomes
+    differ, the share the PRM orders right (implicit outcome log-odds of a above b exactly when a is the
+    correct one), pairs weighted by |score difference|; a prompt with equal scores counts 0.5; mean over
+    prompts. (B,) log-odds (beta * summed log-ratio) and (B,) scores -> a float in [0, 1]."""
+    logits, s = implicit_logits.view(-1, K), scores.float().view(-1, K)
+    a, b = torch.triu_indices(K, K, offset=1)
+    logit_diff, score_diff = logits[:, a] - logits[:, b], s[:, a] - s[:, b]  # (num_prompts, K(K-1)/2)
+    right = ((logit_diff > 0) == (score_diff > 0)).float() * score_diff.abs()
+    weight = score_diff.abs().sum(1)
+    per_prompt = torch.where(weight > 0, right.sum(1) / weight.clamp(min=1e-12), torch.full_like(weight, 0.5))
+    return float(per_prompt.mean())
+
+
+# ---- Eq. 5 as the paper writes it (--no-official-normalisation) ----
 def rloo_outcome_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """(num_prompts, K) outcome rewards -> (num_prompts, K): R_i - mean_{j != i} R_j (leave-one-out)."""
     K = rewards.shape[1]
@@ -198,7 +307,58 @@ def rloo_process_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, K: 
     per_prompt = mean_reward.view(-1, K)
     baseline = ((per_prompt.sum(1, keepdim=True) - per_prompt) / (K - 1)).flatten()  # (B,) leave-one-out
     centred = (token_rewards - baseline[:, None]) * mask
-    return centred.flip(1).cumsum(1).flip(1) * mask  # reverse cumulative sum: returns to go
+    return returns_to_go(centred) * mask
+
+
+# ---- the official pipeline (the default) ----
+def official_leave_one_out(rewards: torch.Tensor, reward_mask: torch.Tensor, K: int) -> torch.Tensor:
+    """The official code's RLOO on (B, T) rewards that live where reward_mask is 1: each such entry becomes
+    r * K/(K-1) - (sum over the prompt's K responses of their mean reward) / (K-1); 0 elsewhere."""
+    mean = (rewards * reward_mask).sum(1) / reward_mask.sum(1).clamp(min=1)  # (B,) each response's mean
+    group_sum = mean.view(-1, K).sum(1).repeat_interleave(K)  # (B,) sum_j mean_j over the prompt's K responses
+    return (rewards * (K / (K - 1)) - group_sum[:, None] / (K - 1)) * reward_mask
+
+
+def official_prime_rewards(token_rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                           K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of the official pipeline: (B, T) process rewards divided by (the batch's largest
+    |reverse cumulative sum| + 1e-6), then both parts through the official leave-one-out: the process part
+    on every response token, the outcome part (B,) on each response's last token. Returns both, (B, T)."""
+    mask = mask.to(token_rewards.dtype)
+    token_rewards = token_rewards * mask
+    normalised = token_rewards / (returns_to_go(token_rewards).abs().max() + 1e-6)
+    process = official_leave_one_out(normalised, mask, K)
+    last = torch.zeros_like(mask)
+    last[torch.arange(len(mask)), mask.sum(1).long().clamp(min=1) - 1] = 1.0
+    outcome = official_leave_one_out(scores.to(mask.dtype)[:, None] * last, last, K)
+    return process, outcome
+
+
+def official_prime_advantages(token_rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, K: int,
+                              process_weight: float = 5.0, outcome_weight: float = 5.0) -> torch.Tensor:
+    """The pipeline of PRIME's official code, which produced the paper's numbers. token_rewards (B, T):
+    beta * (log pi_prm - log pi_ref), 0 outside the mask; scores (B,) in {0, 1}; mask (B, T) right-padded;
+    rows prompt-major. -> (B, T) advantages: process and outcome rewards after `official_prime_rewards`,
+    weighed (5 each: the official reward_dpo_coef / reward_gt_coef), summed, turned into returns (reverse
+    cumulative sum) and whitened over the response tokens (unbiased variance, eps 1e-8). Like the official
+    code, padding positions are whitened too (they hold -mean / std); the policy loss never reads them.
+    process_weight 0 gives the paper's RLOO baseline: the outcome part alone, whitened."""
+    process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
+    mask = mask.to(process.dtype)
+    returns = returns_to_go((process_weight * process + outcome_weight * outcome) * mask)
+    mean = masked_mean(returns, mask)
+    n = mask.sum()
+    var = masked_mean((returns - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # the official order of operations
+    return (returns - mean) * torch.rsqrt(var + 1e-8)
+
+
+def process_outcome_std_ratio(process: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor) -> float:
+    """std(process part) / std(outcome part) over the response tokens, both (B, T): how much of the
+    advantage's spread the PRM contributes (nan when the outcome part is constant)."""
+    def std(x):
+        mean = masked_mean(x, mask)
+        return float((((x - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)).sqrt())
+    return std(process) / std(outcome) if std(outcome) > 0 else float("nan")
 
 
 def accuracy_filter(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -208,22 +368,55 @@ def accuracy_filter(scores: torch.Tensor, low: float, high: float) -> torch.Tens
     return (accuracy >= low - 1e-9) & (accuracy <= high + 1e-9)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def fill_batch(surplus: list, draw_prompts, sample_and_grade, accept, num_prompts: int, max_draws: int):
+    """The official trainer's fill loop (PRIME-RL/PRIME ray_trainer.fit). Each draw takes the surplus left by
+    the previous step plus draw_prompts() (new prompts), samples and grades them with sample_and_grade(prompts,
+    draw) -> (one entry per prompt, (n, K) scores), and keeps the prompts that accept((n, K) scores) passes;
+    it stops once num_prompts passed or after max_draws draws. Returns (kept: at most num_prompts
+    (prompt, entry, (K,) scores) in the order they passed, the new surplus: the passed prompts beyond
+    num_prompts, as prompts only, the number of draws, the number of prompts sampled)."""
+    kept, draws, drawn = [], 0, 0
+    while len(kept) < num_prompts and draws < max_draws:
+        candidates = surplus + draw_prompts()
+        surplus = []
+        entries, scores = sample_and_grade(candidates, draws)
+        kept += [(candidates[i], entries[i], scores[i]) for i in accept(scores).nonzero().flatten().tolist()]
+        draws += 1
+        drawn += len(candidates)
+    return kept[:num_prompts], [prompt for prompt, _, _ in kept[num_prompts:]], draws, drawn
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
+    to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
+    a padded position's log-prob can be below -88, whose exp overflows float32 and turns 0 * inf into NaN."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new))."""
-    log_ratio = logprobs - old_logprobs
+    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
+    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """Learning-rate factor of optimizer step `opt_step` (0-based) out of `total_steps`: a linear warm-up
+    1/w, 2/w, ..., 1 over the first w = ceil(warmup_ratio * total_steps) steps, then constant, or a linear
+    decay (total - s) / (total - w) towards 0 (VinePPO's DeepSpeed WarmupDecayLR)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if opt_step < warmup:
+        return (opt_step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - opt_step) / max(1, total_steps - warmup))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,28 +459,70 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return Batch(input_ids, attention_mask, position_ids, response_mask, P)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
-    """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+    """Log-prob of each response token under `model` at `temperature`: (B, T) [, entropy (B, T)].
+
+    Memory-lean: the model computes logits only at the T positions that predict response tokens
+    (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
+    chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
+    gradient) is computed from the same chunks."""
     dev = model.device
+    T = batch.response_mask.shape[1]
+    # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
     logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                   position_ids=batch.position_ids.to(dev), use_cache=False).logits
-    T = batch.response_mask.shape[1]
-    logits = logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].float() / temperature
-    targets = batch.input_ids[:, batch.prompt_width :].to(dev)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+                   position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V) in the compute dtype (bf16 under autocast)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        part, tgt = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, part, tgt, temperature, use_reentrant=False))
+        else:
+            pieces.append(token_logprobs(part, tgt, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.float() / temperature, dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
     if not with_entropy:
-        return token_logprobs
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1).cpu()
-    return token_logprobs, entropy
+        return out
+    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
 
 
-def in_micro_batches(fn, batch: Batch, size: int) -> torch.Tensor:
-    """fn over micro-batches of `size` rows, outputs padded back to the batch's T and concatenated."""
+@torch.no_grad()
+def reference_logprobs(model, batch: Batch, temperatures: tuple[float, ...], chunk: int = 1024) -> torch.Tensor:
+    """(B, T, len(temperatures)): the frozen reference's log-probs at each temperature, from ONE forward pass
+    (the PRM's reward needs T = 1, the policy's KL the sampling temperature). Each extra temperature costs
+    one float32 log-softmax over the vocabulary per chunk; the values equal response_logprobs' bit for bit."""
+    dev = model.device
     T = batch.response_mask.shape[1]
-    outs = [fn(batch.rows(slice(i, i + size))) for i in range(0, batch.input_ids.shape[0], size)]
-    return torch.cat([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+    logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                   position_ids=batch.position_ids.to(dev), use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * T, V)
+    targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
+    pieces = [torch.stack([token_logprobs(flat[start : start + chunk], targets[start : start + chunk], temp)
+                           for temp in temperatures], dim=-1) for start in range(0, flat.shape[0], chunk)]
+    return torch.cat(pieces).view(*logits.shape[:2], len(temperatures)).cpu()
+
+
+def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
+    """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
+    put back at their rows; 0 past each micro-batch's own longest response. (B, T, n) when fn gives (b, t, n)."""
+    out = None
+    for rows in micro_batches:
+        result = fn(batch.rows(rows)).float()
+        if out is None:
+            out = torch.zeros(*batch.response_mask.shape, *result.shape[2:])
+        out[rows, : result.shape[1]] = result
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,21 +581,39 @@ def main(args: Args) -> None:
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
 
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
+    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
+    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
     # The PRM and the reference start as copies of the policy. With --process-reward-coef 0 (plain RLOO) the
     # PRM is not needed, and the reference only for a KL term.
     use_prm = args.process_reward_coef != 0
-    prm = load_model(args.model, device=device, gradient_checkpointing=args.gradient_checkpointing) if use_prm else None
-    reference = load_model(args.model, device="cpu" if args.ref_on_cpu else device).eval().requires_grad_(False) \
-        if use_prm or args.kl_coef > 0 else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
-    prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, eps=1e-5) if use_prm else None
+    prm = load_model(args.model, device=device, gradient_checkpointing=checkpointing) if use_prm else None
+    reference = load_model(args.model, dtype=ref_dtype, device="cpu" if args.ref_on_cpu else device).eval() \
+        .requires_grad_(False) if use_prm or args.kl_coef > 0 else None
+    # AdamW as PRIME's official code sets it (eps 1e-8; weight decay 0.01 for the policy, 0 for the PRM;
+    # constant learning rate), each model with its own scheduler over its own optimizer steps: the policy
+    # num_epochs x minibatches per step, the PRM one pass of minibatches per step.
+    minibatches = args.batch_size // args.minibatch_size
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                   weight_decay=args.weight_decay)
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, lambda s: lr_multiplier(
+        s, args.num_steps * args.num_epochs * minibatches, args.warmup_ratio, args.lr_decay))
+    if use_prm:
+        prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, eps=args.adam_eps,
+                                    weight_decay=args.prm_weight_decay)
+        prm_sched = torch.optim.lr_scheduler.LambdaLR(prm_opt, lambda s: lr_multiplier(
+            s, args.num_steps * minibatches, args.warmup_ratio, args.lr_decay))
     generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                                batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed)
+                               seed=args.seed, max_model_len=args.vllm_max_model_len,
+                               enforce_eager=args.vllm_enforce_eager)
 
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -382,157 +635,190 @@ def main(args: Args) -> None:
 
     eval_acc = run_eval(0)
     tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    cursor = 0  # next training problem to draw
+    problem_stream = itertools.cycle(train_problems)  # the training problems in order, round and round
+    surplus = []  # run-long state: prompts (Problem) that passed the filter beyond a full batch, for the next step
     progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
-        # 2.1 Sample prompts, generate K responses each and grade them; keep the prompts the accuracy filter
-        #     accepts (some right, some wrong), drawing more until num_prompts are kept or the draws run out.
+        # 2.1 Fill the batch as the official trainer does: draw prompts (the previous step's surplus first),
+        #     generate K responses to each, grade them, keep the prompts the accuracy filter accepts (some
+        #     right, some wrong), and repeat until num_prompts are kept or --max-prompt-draws draws are spent.
         t0 = time.time()
         K = args.samples_per_prompt
-        problems, prompts, completions, score_rows = [], [], [], []
-        drawn = 0
-        for draw in range(args.max_prompt_draws):
-            first = (cursor + drawn) % len(train_problems)
-            candidates = [train_problems[(first + i) % len(train_problems)] for i in range(args.num_prompts)]
-            drawn += args.num_prompts
-            candidate_prompts = [prompt_ids(tokenizer, p.question) for p in candidates]
-            outs = generator.generate(candidate_prompts, n=K, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p,
-                                      seed=args.seed * 100_003 + step * 101 + draw)
-            rows = torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K)
-                                 for p, row in zip(candidates, outs)])  # (num_prompts, K)
-            keep = torch.ones(len(rows), dtype=torch.bool) if args.no_filter else \
-                accuracy_filter(rows, args.filter_low, args.filter_high)
-            for i in keep.nonzero().flatten().tolist()[: args.num_prompts - len(problems)]:
-                problems.append(candidates[i])
-                prompts.append(candidate_prompts[i])
-                completions += outs[i]
-                score_rows.append(rows[i])
-            if len(problems) == args.num_prompts:
-                break
-        cursor += drawn
+
+        def sample_and_grade(problems, draw: int):
+            """K completions of each problem and their (len(problems), K) outcome rewards."""
+            outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=K,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed * 100_003 + step * 1_009 + draw)
+            return outs, torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K)
+                                       for p, row in zip(problems, outs)])
+
+        accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
+            (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))
+        new_prompts = lambda: list(itertools.islice(problem_stream, args.num_prompts))  # noqa: E731
+        kept, surplus, draws, drawn = fill_batch(surplus, new_prompts, sample_and_grade, accept, args.num_prompts,
+                                                 args.max_prompt_draws)
         t_gen = time.time() - t0
-        filter_stats = {"prime/filter_acceptance": len(problems) / drawn,
-                        "prime/prompts_drawn_per_kept": drawn / max(1, len(problems))}
-        if not problems:  # every drawn prompt was all right or all wrong: nothing to learn from this step
-            history.write(json.dumps({"step": step, "wall_s": time.time() - start_time, **filter_stats}) + "\n")
-            tqdm.write(f"step {step}: no prompt passed the filter in {drawn} draws; skipping the update")
+        fill_stats = {"prime/batch_fill": len(kept) / args.num_prompts, "prime/draws": draws,
+                      "prime/filter_acceptance": (len(kept) + len(surplus)) / drawn,
+                      "prime/surplus_prompts": len(surplus), "prime/draw_cap_hit": float(len(kept) < args.num_prompts)}
+        if len(kept) < args.num_prompts:
+            tqdm.write(f"step {step}: draw cap hit (--max-prompt-draws {args.max_prompt_draws}): {len(kept)} of "
+                       f"{args.num_prompts} prompts passed the filter among {drawn} drawn")
+        if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
+            history.write(json.dumps({"step": step, "wall_s": time.time() - start_time, **fill_stats}) + "\n")
+            tqdm.write(f"step {step}: no prompt passed the filter; skipping the update")
             continue
 
-        # 2.2 The kept batch: B = len(problems) * K samples, prompt-major; outcome reward on the EOS token.
-        scores = torch.stack(score_rows).flatten()  # (B,)
-        batch = make_batch([p for p in prompts for _ in range(K)], [c.token_ids for c in completions],
-                           tokenizer.pad_token_id)
+        # 2.2 The batch: B = len(kept) * K samples, prompt-major (sample j of prompt i at row i*K + j).
+        completions = [c for _, outs_i, _ in kept for c in outs_i]
+        scores = torch.cat([s for *_, s in kept])  # (B,)
+        batch = make_batch([prompt_ids(tokenizer, p.question) for p, _, _ in kept for _ in range(K)],
+                           [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask  # (B, T)
         lengths = mask.sum(1).long()  # (B,)
         B = len(scores)
 
-        # 2.3 PRIME's own part: log-probs of the policy (old), the reference and the PRM; implicit process
-        #     rewards; one PRM update with the outcome labels; RLOO advantages in two parts.
+        # 2.3 PRIME's own part: log-probs of the policy (old) and the reference; one CE update of the PRM that
+        #     also reads its token rewards; RLOO advantages. The micro-batches are fixed once per step: these
+        #     passes and every epoch of the update see the same rows with the same padding, so in bf16 they
+        #     run the same arithmetic and the ratio is exactly 1 at unchanged weights.
+        generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
+        micro_batches = torch.randperm(B).split(args.micro_batch_size)  # row indices, (b,) each
+        accumulation = args.minibatch_size // args.micro_batch_size
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
             old_logprobs = in_micro_batches(lambda b: response_logprobs(policy, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask  # (B, T)
-            ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
-                                            args.micro_batch_size) * mask if reference is not None else None
+                                            micro_batches) * mask  # (B, T)
+            ref_raw = ref_logprobs = None
+            if reference is not None:
+                # One forward per micro-batch, two temperatures: T = 1 (raw logits, the official PRM reward's)
+                # and the sampling temperature (the policy's KL).
+                both = in_micro_batches(lambda b: reference_logprobs(reference, b, (1.0, args.temperature)), batch,
+                                        micro_batches) * mask[..., None]  # (B, T, 2)
+                ref_raw, ref_logprobs = both.unbind(-1)  # (B, T) each
         t_ref = time.time() - t0
         t0 = time.time()
         prime_stats = {}
-        process_adv = torch.zeros_like(mask)  # (B, T)
+        token_rewards = torch.zeros_like(mask)  # (B, T) process rewards; stay 0 without a PRM
         if use_prm:
-            def prm_rewards():
-                with torch.no_grad(), autocast():
-                    prm.eval()
-                    prm_logprobs = in_micro_batches(lambda b: response_logprobs(prm, b, args.temperature), batch,
-                                                    args.micro_batch_size) * mask
-                return implicit_process_rewards(prm_logprobs, ref_logprobs, mask, args.beta)  # (B, T)
-
-            #   a. process rewards from the PRM before its update (the paper's default)
-            token_rewards = prm_rewards()
-            implicit_logits = token_rewards.sum(1)  # (B,) beta * sum of the log-ratio: the PRM's outcome log-odds
-            prime_stats["prime/prm_accuracy"] = float(((implicit_logits > 0).float() == scores).float().mean())
-            #   b. one pass of the cross-entropy update of the PRM on this batch's outcome labels
+            #   a. one pass of the PRM's CE update on this batch's outcome labels, over the step's micro-batches
+            #      grouped into minibatches. Single forward: each micro-batch's token rewards come from the
+            #      forward of its loss (log-probs at T = 1), before its minibatch's optimizer step.
             prm.train()
             prm_losses = []
-            for mb in torch.randperm(B).split(args.minibatch_size):
-                for micro in mb.split(args.micro_batch_size):
+            prm_lr = prm_sched.get_last_lr()[0]  # the learning rate of this step's first PRM step
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask
                     with autocast():
-                        prm_logprobs = response_logprobs(prm, sub, args.temperature)
-                        loss = prm_ce_loss(prm_logprobs, ref_logprobs[micro, : m.shape[1]], m, scores[micro], args.beta)
-                    (loss * len(micro) / len(mb)).backward()
+                        prm_logprobs = response_logprobs(prm, sub, 1.0)  # (b, t)
+                        loss = prm_ce_loss(prm_logprobs, ref_raw[micro, : m.shape[1]], m, scores[micro], args.beta)
+                    (loss * len(micro) / rows_in_minibatch).backward()  # the minibatch's mean over samples
+                    token_rewards[micro, : m.shape[1]] = implicit_process_rewards(
+                        prm_logprobs.detach(), ref_raw[micro, : m.shape[1]], m, args.beta)
                     prm_losses.append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(prm.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
                 prm_opt.step()
+                prm_sched.step()
                 prm_opt.zero_grad(set_to_none=True)
-            if args.prm_update_first:
-                token_rewards = prm_rewards()
-            #   c. the process part: returns to go of r_t minus the leave-one-out mean token reward
-            process_adv = rloo_process_advantages(token_rewards, mask, K)  # (B, T)
-            mean_token_reward = (token_rewards.sum(1) / lengths)  # (B,)
+            #   b. the PRM after its update, on the same micro-batches: its accuracy, and the double forward's rewards
+            with torch.no_grad(), autocast():
+                prm.eval()
+                prm_after = in_micro_batches(lambda b: response_logprobs(prm, b, 1.0), batch, micro_batches) * mask
+            rewards_after = implicit_process_rewards(prm_after, ref_raw, mask, args.beta)  # (B, T)
             prime_stats |= {
-                "prime/prm_loss": np.mean(prm_losses),
-                "prime/process_reward_correct": float(mean_token_reward[scores == 1].mean()) if (scores == 1).any() else float("nan"),
-                "prime/process_reward_wrong": float(mean_token_reward[scores == 0].mean()) if (scores == 0).any() else float("nan"),
+                "prime/prm_loss": np.mean(prm_losses),  # held out: each minibatch's loss before its own step
+                "prime/prm_acc_before": prm_pairwise_accuracy(token_rewards.sum(1), scores, K),
+                "prime/prm_acc_after": prm_pairwise_accuracy(rewards_after.sum(1), scores, K),
+                "prime/prm_learning_rate": prm_lr,
             }
+            if args.prm_update_first:
+                token_rewards = rewards_after
         t_prm = time.time() - t0
-        #   d. the outcome part R_i - mean_{j != i} R_j on every token, plus the weighted process part
+        #   c. the advantages: the official pipeline (default), or Eq. 5 as the paper writes it
         outcome_adv = rloo_outcome_advantages(scores.view(-1, K)).flatten()[:, None] * mask  # (B, T)
+        process_adv = args.process_reward_coef * rloo_process_advantages(token_rewards, mask, K)  # (B, T)
         if args.official_normalisation:
-            process_adv = process_adv / process_adv.abs().max().clamp(min=1e-8)
-        advantages = outcome_adv + args.process_reward_coef * process_adv
-        if args.official_normalisation:
-            advantages = masked_whiten(advantages, mask)
+            advantages = official_prime_advantages(token_rewards, scores, mask, K,
+                                                   process_weight=5.0 * args.process_reward_coef)
+        else:
+            advantages = outcome_adv + process_adv
+        if use_prm:
+            # How much each pipeline's process part spreads against its outcome part, on this batch.
+            process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
+            mean_token_reward = token_rewards.sum(1) / lengths  # (B,)
+            prime_stats |= {
+                "prime/std_ratio_official": process_outcome_std_ratio(
+                    args.process_reward_coef * returns_to_go(process), returns_to_go(outcome), mask),
+                "prime/std_ratio_eq5": process_outcome_std_ratio(process_adv, outcome_adv, mask),
+                "prime/process_reward_correct": float(mean_token_reward[scores == 1].mean()),  # nan if none
+                "prime/process_reward_wrong": float(mean_token_reward[scores == 0].mean()),
+            }
 
-        # 2.4 Update: num_epochs passes over shuffled minibatches, gradients accumulated over micro-batches.
-        #     (The filter may leave fewer than num_prompts prompts, so the last minibatch may be smaller.)
+        # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
+        #     partition, in a new random order every epoch, with gradients accumulated over them. (A step that
+        #     hit the draw cap has a smaller batch, so its last minibatch may be smaller.)
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
+        skipped = 0
+        lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
-            for mb in torch.randperm(B).split(args.minibatch_size):
-                mb_tokens = mask[mb].sum()  # token-mean over the whole minibatch, not per micro-batch
-                for micro in mb.split(args.micro_batch_size):
+            for group in torch.randperm(len(micro_batches)).split(accumulation):
+                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
+                for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages),
-                                                                       m, args.clip_eps)
-                        kl = (kl_k3(logprobs, cut(ref_logprobs)) * m).sum(1).mean() if args.kl_coef > 0 \
-                            else torch.zeros(())  # summed per sequence
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
+                                                                              cut(advantages), m, args.clip_eps)
+                        kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
+                            else None  # summed per sequence
+                    if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
+                        skipped += 1
+                        continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share of the minibatch's sequences.
-                    (pg_loss * weight + args.kl_coef * kl * len(micro) / len(mb)).backward()
+                    loss = pg_loss * weight
+                    if args.kl_coef > 0:
+                        loss = loss + args.kl_coef * kl * len(micro) / rows_in_minibatch
+                    loss.backward()
                     for k, v in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
                                  ("entropy", masked_mean(entropy, m)), ("kl_k3", kl)):
-                        stats[k].append(float(v.detach()))
+                        if v is not None:
+                            stats[k].append(float(v.detach()))
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_opt.step()
+                policy_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
         generator.sync_weights(policy)
         t_update = time.time() - t0
 
         # 2.5 Log; evaluate every eval_every steps.
-        kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1).mean() if reference is not None else 0.0
         step_time = time.time() - t_step
         logs = {
             "charts/reward_mean": scores.mean(), "charts/response_length": lengths.float().mean(),
             "charts/truncated_frac": 1 - np.mean([c.finished for c in completions]),
-            "charts/step_time": step_time, "charts/learning_rate": args.learning_rate,
+            "charts/step_time": step_time, "charts/learning_rate": lr,
             "losses/policy_loss": np.mean(stats["policy_loss"]),
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
-            "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
-            "losses/kl_ref_k1": kl_k1,
+            "losses/entropy": np.mean(stats["entropy"]), "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/prm": t_prm, "time/update": t_update,
-            "prime/prm_time_share": t_prm / step_time, **filter_stats, **prime_stats,
+            "prime/prm_time_share": t_prm / step_time, **fill_stats, **prime_stats,
         }
+        if reference is not None:  # the KL to the reference at the sampling temperature (a statistic when kl_coef is 0)
+            logs |= {"losses/kl_ref_k3": np.mean(stats["kl_k3"]),
+                     "losses/kl_ref_k1": ((old_logprobs - ref_logprobs) * mask).sum(1).mean()}
         for k, v in logs.items():
             writer.add_scalar(k, float(v), step)
         history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
