@@ -31,6 +31,8 @@ FROZEN = {
     "vineppo.py": ["--learning-rate", "0"],
     "numca.py": ["--learning-rate", "0", "--kl-coef", "0.001"],  # a KL coefficient, so that kl_ref_k3 exists
     "hista.py": ["--learning-rate", "0", "--kl-coef", "0.001"],
+    # --no-filter: the tiny model is never right, so the accuracy filter would leave nothing to train on
+    "prime_implicit_prm.py": ["--learning-rate", "0", "--prm-learning-rate", "0", "--no-filter"],
 }
 
 # 4 prompts x 4 samples in micro-batches of 4. With the earlier code (consecutive micro-batches for the
