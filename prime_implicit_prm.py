@@ -65,7 +65,10 @@ Choices and departures (shared/docs/ALGORITHMS.md section 3):
   num_prompts prompts passed, keep the surplus for the next step. Like the official `add_to_buffer`, the
   surplus is kept as prompts only (re-sampled next step by the updated policy, so the batch stays
   on-policy). The draws are capped (`--max-prompt-draws`); a step that hits the cap trains on what passed
-  and says so; `prime/batch_fill` logs the share of the batch filled.
+  and says so; `prime/batch_fill` logs the share of the batch filled. A step where no prompt passed skips
+  the update but still evaluates and writes its checkpoint when due. The surplus and the position in the
+  training data (not a function of the step: a step draws as many prompts as its filter needs) are
+  run-long state, kept in the checkpoints with the weights, so a resumed run draws what an unbroken one would.
 - KL coefficient 0 as the paper; the k1 and k3 KL to the reference are still logged (the reference is
   there for the PRM anyway). Defaults sized for the offline CPU run as in ppo.py (8 prompts x K = 4, lr 1e-5
   for policy and PRM, T = 0.6, 128 new tokens); the paper: 256 prompts x 4, policy lr 5e-7, PRM lr 1e-6,
@@ -93,12 +96,12 @@ Run:  python prime_implicit_prm.py                                         # CPU
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -112,10 +115,13 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
+from common.args import check_ranges
+from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
+from common.data import DEFAULT_DATASET, DataError, Problem, load_problems, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
+from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
+                           resolve_model_path)
 
 
 @dataclass
@@ -185,6 +191,12 @@ class Args:
     """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); Ctrl-C writes one after the current step, then exits"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: str | None = None
+    """continue the run in this folder from its newest checkpoint, with the arguments it was started with"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "llm-rl-reference"
@@ -465,14 +477,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 1024):
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, chunk: int = 256):
     """Log-prob of each response token under `model` at `temperature`: (B, T) [, entropy (B, T)].
 
     Memory-lean: the model computes logits only at the T positions that predict response tokens
     (`logits_to_keep`), and the float32 log-softmax runs over `chunk` positions at a time. Under autograd each
     chunk is checkpointed, so its float32 copy is rebuilt in the backward pass instead of being kept: at a
-    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB. The entropy (a statistic, no
-    gradient) is computed from the same chunks."""
+    151k vocabulary, one full (8 x 1,024)-token float32 copy would be 4.6 GiB, one 256-position chunk 0.15 GiB.
+    The entropy (a statistic, no gradient) is computed from the same chunks."""
     dev = model.device
     T = batch.response_mask.shape[1]
     # Column P - 1 + t predicts response token t: the last T + 1 columns, minus the very last one.
@@ -498,7 +510,7 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
 
 
 @torch.no_grad()
-def reference_logprobs(model, batch: Batch, temperatures: tuple[float, ...], chunk: int = 1024) -> torch.Tensor:
+def reference_logprobs(model, batch: Batch, temperatures: tuple[float, ...], chunk: int = 256) -> torch.Tensor:
     """(B, T, len(temperatures)): the frozen reference's log-probs at each temperature, from ONE forward pass
     (the PRM's reward needs T = 1, the policy's KL the sampling temperature). Each extra temperature costs
     one float32 log-softmax over the vocabulary per chunk; the values equal response_logprobs' bit for bit."""
@@ -544,7 +556,18 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject inconsistent batch sizes before anything is loaded or written."""
+    """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_ranges(args, {
+        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
+                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
+                 "keep_checkpoints", "vllm_max_model_len", "max_prompt_draws"],
+        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every",
+                 "prm_learning_rate", "prm_weight_decay", "process_reward_coef"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps", "max_ratio", "beta",
+                "prm_max_grad_norm"],
+        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
+        "in [0, 1]": ["warmup_ratio", "filter_low", "filter_high"],
+    })
     args.batch_size = args.num_prompts * args.samples_per_prompt
     if args.batch_size % args.minibatch_size:
         raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
@@ -557,10 +580,10 @@ def check_args(args: Args) -> None:
         args.max_new_tokens = 128 if generated else 512
     if args.samples_per_prompt < 2:
         raise SystemExit("error: RLOO needs --samples-per-prompt of at least 2 (a leave-one-out baseline)")
-    if not 0 <= args.filter_low <= args.filter_high <= 1 or args.max_prompt_draws < 1:
-        raise SystemExit("error: need 0 <= --filter-low <= --filter-high <= 1 and --max-prompt-draws >= 1")
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0 for training (evaluation is greedy anyway)")
+    if args.filter_low > args.filter_high:
+        raise SystemExit(f"error: --filter-low {args.filter_low} must be <= --filter-high {args.filter_high}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -573,6 +596,8 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
+    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
+        args = Args(**{**saved_args(args.resume), "resume": args.resume})
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -586,6 +611,15 @@ def main(args: Args) -> None:
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    # The PRM is loaded (and trained) unless --process-reward-coef 0; the reference with the PRM or a KL term,
+    # and not on the GPU with --ref-on-cpu.
+    use_prm = args.process_reward_coef != 0
+    use_reference = use_prm or args.kl_coef > 0
+    check_memory(args.model, device, trainable=1 + int(use_prm),
+                 frozen=int(use_reference and not (args.ref_on_cpu and device.startswith("cuda"))),
+                 frozen_dtype=ref_dtype, backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization,
+                 micro_batch=args.micro_batch_size, max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
@@ -593,10 +627,9 @@ def main(args: Args) -> None:
     policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
     # The PRM and the reference start as copies of the policy. With --process-reward-coef 0 (plain RLOO) the
     # PRM is not needed, and the reference only for a KL term.
-    use_prm = args.process_reward_coef != 0
     prm = load_model(args.model, device=device, gradient_checkpointing=checkpointing) if use_prm else None
     reference = load_model(args.model, dtype=ref_dtype, device="cpu" if args.ref_on_cpu else device).eval() \
-        .requires_grad_(False) if use_prm or args.kl_coef > 0 else None
+        .requires_grad_(False) if use_reference else None
     # AdamW as PRIME's official code sets it (eps 1e-8; weight decay 0.01 for the policy, 0 for the PRM;
     # constant learning rate), each model with its own scheduler over its own optimizer steps: the policy
     # num_epochs x minibatches per step, the PRM one pass of minibatches per step.
@@ -615,16 +648,58 @@ def main(args: Args) -> None:
                                seed=args.seed, max_model_len=args.vllm_max_model_len,
                                enforce_eager=args.vllm_enforce_eager)
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run-long state is that of ppo.py (weights, optimizers, schedules, random generators) for the policy
+    # and the PRM, plus the fill loop's: the surplus prompts that passed the filter beyond a full batch, and
+    # the position of the next training problem. How many prompts a step draws depends on its rollouts, so
+    # that position is not a function of the step; the rollouts of each draw are seeded by the step and
+    # the draw, so a resumed run samples what a run that never stopped would.
+    models = {"policy": policy} | ({"prm": prm} if use_prm else {})
+    optimizers = {"policy": policy_opt} | ({"prm": prm_opt} if use_prm else {})
+    schedulers = {"policy": policy_sched} | ({"prm": prm_sched} if use_prm else {})
+    next_problem = 0  # run-long state: index of the next training problem to draw (in order, round and round)
+    surplus = []  # run-long state: prompts (Problem) that passed the filter beyond a full batch, for the next step
+    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
+        state = load_checkpoint(checkpoint)
+        for group, saved in ((models, "models"), (optimizers, "optimizers"), (schedulers, "schedulers")):
+            for key, obj in group.items():
+                obj.load_state_dict(state[saved][key])
+        next_problem = state["next_problem"]
+        surplus = [Problem(question, answer) for question, answer in state["surplus"]]
+        generator.sync_weights(policy)
+        os.truncate(metrics_path, state["metrics_bytes"])
+        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
+        tqdm.write(f"resuming {run_dir} after step {state['step']}")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
+    if not args.resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    history = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time()
+        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
+                   resume="allow" if args.resume else None)
+    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
+    start_time = time.time() - elapsed
+    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def run_eval(step: int) -> float:
         acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
@@ -633,11 +708,43 @@ def main(args: Args) -> None:
         history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
         return acc
 
-    eval_acc = run_eval(0)
-    tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    problem_stream = itertools.cycle(train_problems)  # the training problems in order, round and round
-    surplus = []  # run-long state: prompts (Problem) that passed the filter beyond a full batch, for the next step
-    progress = tqdm(range(1, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
+    def new_prompts() -> list:
+        """The next num_prompts training problems, in order, round and round."""
+        nonlocal next_problem
+        drawn = [train_problems[(next_problem + i) % len(train_problems)] for i in range(args.num_prompts)]
+        next_problem = (next_problem + args.num_prompts) % len(train_problems)
+        return drawn
+
+    def end_of_step(step: int) -> bool:
+        """What ends every step, trained or skipped: evaluate and write a checkpoint when due. True: leave the
+        loop (Ctrl-C, after the checkpoint; or --max-minutes reached)."""
+        nonlocal eval_acc
+        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
+        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
+            eval_acc = run_eval(step)
+            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
+        if stop["requested"] or (args.save_every and step % args.save_every == 0):
+            history.flush()
+            save_checkpoint(run_dir, step, {
+                "models": {k: m.state_dict() for k, m in models.items()},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
+                "eval_acc": eval_acc, "next_problem": next_problem,
+                "surplus": [(p.question, p.answer) for p in surplus]}, keep=args.keep_checkpoints)
+        if stop["requested"]:
+            tqdm.write(f"stopped after step {step}; continue with: python prime_implicit_prm.py --resume {run_dir}")
+            return True
+        if out_of_time:
+            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+        return out_of_time
+
+    if not args.resume:
+        eval_acc = run_eval(0)
+        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
+    else:
+        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
+    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
     for step in progress:
         t_step = time.time()
 
@@ -657,7 +764,6 @@ def main(args: Args) -> None:
 
         accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
             (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))
-        new_prompts = lambda: list(itertools.islice(problem_stream, args.num_prompts))  # noqa: E731
         kept, surplus, draws, drawn = fill_batch(surplus, new_prompts, sample_and_grade, accept, args.num_prompts,
                                                  args.max_prompt_draws)
         t_gen = time.time() - t0
@@ -670,6 +776,8 @@ def main(args: Args) -> None:
         if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
             history.write(json.dumps({"step": step, "wall_s": time.time() - start_time, **fill_stats}) + "\n")
             tqdm.write(f"step {step}: no prompt passed the filter; skipping the update")
+            if end_of_step(step):
+                break
             continue
 
         # 2.2 The batch: B = len(kept) * K samples, prompt-major (sample j of prompt i at row i*K + j).
@@ -814,7 +922,8 @@ def main(args: Args) -> None:
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/prm": t_prm, "time/update": t_update,
-            "prime/prm_time_share": t_prm / step_time, **fill_stats, **prime_stats,
+            "time/prm_share": t_prm / step_time,  # a wall-clock ratio: under time/, as the other timings
+            **fill_stats, **prime_stats,
         }
         if reference is not None:  # the KL to the reference at the sampling temperature (a statistic when kl_coef is 0)
             logs |= {"losses/kl_ref_k3": np.mean(stats["kl_k3"]),
@@ -823,14 +932,14 @@ def main(args: Args) -> None:
             writer.add_scalar(k, float(v), step)
         history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
                                   **{k: float(v) for k, v in logs.items()}}) + "\n")
-        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
-            eval_acc = run_eval(step)
-            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
+        leave = end_of_step(step)
         progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
-        if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+        if leave:
             break
+    if stop["requested"]:  # Ctrl-C: the checkpoint is written, the run is not over: no final model
+        history.close()
+        writer.close()
+        return
 
     # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
     if args.save_model:

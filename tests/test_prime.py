@@ -2,11 +2,13 @@
 and as the official code runs it, the batch fill, the reference's two temperatures, the filter, end to end."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 
+from common.checkpoint import latest_checkpoint, load_checkpoint
 from conftest import run_script, run_tiny
 from prime_implicit_prm import (accuracy_filter, fill_batch, implicit_process_rewards, in_micro_batches, kl_k3,
                                 lr_multiplier, make_batch, official_leave_one_out, official_prime_advantages,
@@ -311,8 +313,15 @@ def test_prime_end_to_end(tmp_path, flags):
 def test_filter_skips_steps_without_signal(tmp_path):
     # With the filter on, the tiny model's all-wrong groups are all dropped: the cap is reported, the run completes.
     proc = run_script("prime_implicit_prm.py", "--model", "tiny-random", "--output-dir", str(tmp_path),
-                      *TINY[:-1], "--max-prompt-draws", "2")
+                      *TINY[:-1], "--max-prompt-draws", "2", "--save-every", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stderr + proc.stdout
     assert "draw cap hit (--max-prompt-draws 2): 0 of 2 prompts passed the filter among 4 drawn" in out
     assert "no prompt passed the filter; skipping the update" in out
+    # A skipped step still ends as every step does: evaluated and checkpointed when due (eval and save every 1),
+    # with the fill loop's run-long state: 2 draws of 2 new prompts per step, no surplus.
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]
+    state = load_checkpoint(latest_checkpoint(str(run_dir)))
+    assert state["step"] == 2 and state["next_problem"] == 8 and state["surplus"] == []
