@@ -55,9 +55,10 @@ def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
 
 
 # ---- Checkpoints: a run killed at any point and resumed ends with the metrics of a run never stopped ----
-RESUMABLE = ["ppo.py", "vineppo.py", "numca.py", "hista.py"]
+RESUMABLE = ["ppo.py", "vineppo.py", "numca.py", "hista.py", "prime_implicit_prm.py"]
 FAST = {"vineppo.py": ["--num-mc-rollouts", "2"],  # fewer continuations: the same code path, a faster test
-        "numca.py": ["--num-train-problems", "2"]}  # prompts recur, so the resumed run reads a restored table
+        "numca.py": ["--num-train-problems", "2"],  # prompts recur, so the resumed run reads a restored table
+        "prime_implicit_prm.py": ["--no-filter"]}  # the tiny model is never right: the filter would skip every step
 SHORT_RUN = ["--model", "tiny-random", "--num-steps", "3", "--num-prompts", "2", "--samples-per-prompt", "2",
              "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
              "--eval-every", "2", "--no-save-model", "--save-every", "1"]
@@ -121,7 +122,7 @@ def test_resume_without_a_checkpoint_is_one_line(script, tmp_path):
 
 
 # ---- Bad input: one line that starts with "error:", a non-zero exit, nothing written ----
-TRAINERS = ["ppo.py", "vineppo.py", "numca.py", "hista.py"]
+TRAINERS = ["ppo.py", "vineppo.py", "numca.py", "hista.py", "prime_implicit_prm.py"]
 TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12"]
 
