@@ -38,7 +38,7 @@ FROZEN = {
 # 4 prompts x 4 samples in micro-batches of 4. With the earlier code (consecutive micro-batches for the
 # no-grad passes, reshuffled ones in the update) this run logged approx_kl 1.4e-8 and kl_ref_k3 3.4e-7 on the
 # tiny model (2e-3 and 5e-2 on the real one); with a fixed partition both are exactly 0.
-INVARIANCE_RUN = ["--num-steps", "2", "--num-prompts", "4", "--samples-per-prompt", "4", "--minibatch-size", "8",
+INVARIANCE_RUN = ["--num-steps", "1", "--num-prompts", "4", "--samples-per-prompt", "4", "--minibatch-size", "8",
                   "--micro-batch-size", "4", "--num-eval-problems", "2", "--max-new-tokens", "24",
                   "--eval-every", "100", "--no-save-model"]
 
@@ -47,7 +47,7 @@ INVARIANCE_RUN = ["--num-steps", "2", "--num-prompts", "4", "--samples-per-promp
 def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
     _, records = run_tiny(script, tmp_path, *INVARIANCE_RUN, *FROZEN[script], save_model=False)
     train = [r for r in records if "losses/approx_kl" in r]
-    assert len(train) == 2
+    assert len(train) == 1
     for r in train:
         for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):
             if key in r:
@@ -59,9 +59,9 @@ RESUMABLE = ["ppo.py", "vineppo.py", "numca.py", "hista.py", "prime_implicit_prm
 FAST = {"vineppo.py": ["--num-mc-rollouts", "2"],  # fewer continuations: the same code path, a faster test
         "numca.py": ["--num-train-problems", "2"],  # prompts recur, so the resumed run reads a restored table
         "prime_implicit_prm.py": ["--no-filter"]}  # the tiny model is never right: the filter would skip every step
-SHORT_RUN = ["--model", "tiny-random", "--num-steps", "3", "--num-prompts", "2", "--samples-per-prompt", "2",
+SHORT_RUN = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
              "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
-             "--eval-every", "2", "--no-save-model", "--save-every", "1"]
+             "--eval-every", "2", "--no-save-model", "--save-every", "1", "--keep-checkpoints", "1"]
 TIMING = ("wall_s", "charts/step_time")
 
 
@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
     reference = start(script, tmp_path / "reference")
     assert reference.wait() == 0, reference.stderr.read()[-3000:]
     (ref_dir,) = (tmp_path / "reference").iterdir()
-    assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # keep 2
+    assert [p.name for p in (ref_dir / "checkpoints").iterdir()] == ["step_000002"]  # --keep-checkpoints 1
 
     # SIGKILL once the first checkpoint exists: mid-step 2, or while writing its checkpoint.
     killed = start(script, tmp_path / "killed")
@@ -103,7 +103,8 @@ def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
     assert comparable(run_dir) == comparable(ref_dir)
 
 
-@pytest.mark.parametrize("script", RESUMABLE)
+# The same handler in every script; PRIME's step has its own ending (steps the filter skips), so it is checked too.
+@pytest.mark.parametrize("script", ["ppo.py", "prime_implicit_prm.py"])
 def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(script, tmp_path):
     proc = start(script, tmp_path)
     wait_for("*/metrics.jsonl", tmp_path, proc)
