@@ -155,7 +155,7 @@ class Args:
     """arithmetic, gsm8k, math, rg:<task>[:k=v,...], or a .jsonl/.parquet file; benchmark problems come from its
     test split, the critic's and PRM's training problems from its train split"""
     backend: Literal["hf", "vllm"] = "hf"
-    """generation backend for the build: hf (transformers, CPU or GPU) or vllm (one GPU)"""
+    """generation backend for the build: hf (transformers, CPU or GPU) or vllm (one GPU, or vLLM's CPU build)"""
     seed: int = 1
     """seed of the problems' order, the sampling, the cuts and the estimators' training"""
     device: str = "auto"
@@ -200,7 +200,7 @@ class Args:
     vllm_gpu_memory_utilization: float = 0.6
     """share of GPU memory vLLM may take during the build"""
     vllm_max_model_len: int | None = None
-    """vLLM's context length in tokens (None: the model's own limit)"""
+    """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 

@@ -90,7 +90,7 @@ class Args:
     dataset: str = DEFAULT_DATASET
     """arithmetic (offline default), gsm8k, math, rg:<task>[:k=v,...], or a .jsonl/.parquet file"""
     backend: Literal["hf", "vllm"] = "hf"
-    """generation backend: hf (transformers, CPU or GPU) or vllm (one GPU)"""
+    """generation backend: hf (transformers, CPU or GPU) or vllm (one GPU, or vLLM's CPU build)"""
     seed: int = 1
     """seed of the run (data order, sampling, initialisation)"""
     num_steps: int = 20
@@ -161,7 +161,7 @@ class Args:
     vllm_gpu_memory_utilization: float = 0.3
     """share of GPU memory vLLM may take (the rest trains)"""
     vllm_max_model_len: int | None = None
-    """vLLM's context length in tokens (None: the model's own limit)"""
+    """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
 

@@ -1,17 +1,16 @@
 """numca.py: numbers and milestones, the run-long table (and its checkpoint), the token mapping, segment
-advantages, the zero-std guard, dynamic sampling, the loss helpers, Numca's range checks, end to end.
-Resuming a killed run and the shared bad-input table: tests/test_trainers.py."""
+advantages, the zero-std guard, dynamic sampling, the loss helpers, end to end.
+Resuming a killed run, the range checks of every flag: tests/test_trainers.py."""
 
 import math
 import random
 
 import pytest
 import torch
-import tyro
 
 from common.checkpoint import latest_checkpoint, load_checkpoint
 from conftest import run_tiny
-from numca import (Args, NumcaTable, check_args, group_scale, grpo_advantages, kl_k3, lr_multiplier, merge_milestones,
+from numca import (NumcaTable, group_scale, grpo_advantages, kl_k3, lr_multiplier, merge_milestones,
                    milestone_tokens, number_milestones, number_states, parse_numbers, ppo_policy_loss,
                    segment_advantages, select_prompts, token_char_ends, token_segments)
 
@@ -272,28 +271,6 @@ def test_lr_multiplier_constant_by_default_and_warmup():
 TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "16",
         "--eval-every", "1"]
-
-
-# Numca's own flags (the shared ones are in tests/test_trainers.py's table): one "error:" line from check_args.
-NUMCA_OUT_OF_RANGE = [
-    (["--min-gap-tokens", "-1"], "--min-gap-tokens must be >= 0"),
-    (["--lam", "1.5"], "--lam must be in [0, 1]"),
-    (["--max-table-states", "0"], "--max-table-states must be >= 1"),
-    (["--dynamic-sampling-scale", "0"], "--dynamic-sampling-scale must be >= 1"),
-    (["--clip-eps-low", "0"], "--clip-eps-low must be > 0"),
-    (["--clip-eps-high", "-0.1"], "--clip-eps-high must be > 0"),
-    (["--kl-coef", "-1"], "--kl-coef must be >= 0"),
-    (["--max-ratio", "nan"], "--max-ratio is NaN"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
-]
-
-
-@pytest.mark.parametrize("argv,message", NUMCA_OUT_OF_RANGE, ids=[" ".join(a) for a, _ in NUMCA_OUT_OF_RANGE])
-def test_out_of_range_numca_flag_is_one_line(argv, message):
-    args = tyro.cli(Args, args=TINY + argv)
-    with pytest.raises(SystemExit) as exc:
-        check_args(args)
-    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-numca", "--dynamic-sampling-scale", "2"]])

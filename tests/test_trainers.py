@@ -11,6 +11,7 @@
 
 import importlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,6 +145,9 @@ OUT_OF_RANGE = [
     (["--max-minutes", "-3"], "--max-minutes must be > 0"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (["--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    (["--max-ratio", "nan"], "--max-ratio is NaN"),
     (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
     (["--minibatch-size", "3"], "must divide the batch"),
     (["--micro-batch-size", "3", "--minibatch-size", "4"], "must divide --minibatch-size"),
@@ -158,6 +162,62 @@ def test_out_of_range_flag_is_one_line(script, argv, message):
     with pytest.raises(SystemExit) as exc:
         module.check_args(args)
     assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# Each trainer's own flags, the same way.
+OWN_FLAGS = {
+    "vineppo.py": [
+        (["--num-mc-rollouts", "0"], "--num-mc-rollouts must be >= 1"),
+        (["--max-estimated-steps", "-1"], "--max-estimated-steps must be >= 0"),
+        (["--clip-eps", "0"], "--clip-eps must be > 0"),
+    ],
+    "numca.py": [
+        (["--min-gap-tokens", "-1"], "--min-gap-tokens must be >= 0"),
+        (["--lam", "1.5"], "--lam must be in [0, 1]"),
+        (["--max-table-states", "0"], "--max-table-states must be >= 1"),
+        (["--dynamic-sampling-scale", "0"], "--dynamic-sampling-scale must be >= 1"),
+        (["--clip-eps-low", "0"], "--clip-eps-low must be > 0"),
+        (["--clip-eps-high", "-0.1"], "--clip-eps-high must be > 0"),
+    ],
+    "hista.py": [
+        (["--interval", "0"], "--interval must be >= 1"),
+        (["--window", "0"], "--window must be >= 1"),
+        (["--k-min", "0"], "--k-min must be >= 1"),
+        (["--k-max", "0"], "--k-max must be >= 1"),
+        (["--k-min", "10", "--k-max", "5"], "--k-min must be <= --k-max"),
+        (["--d-min", "0"], "--d-min must be > 0"),
+        (["--ema-alpha", "1"], "--ema-alpha must be in [0, 1)"),
+        (["--ema-alpha", "-0.1"], "--ema-alpha must be in [0, 1)"),
+        (["--ema-alpha", "nan"], "--ema-alpha is NaN"),
+        (["--lam", "2"], "--lam must be in [0, 1]"),
+        (["--dynamic-sampling-scale", "0"], "--dynamic-sampling-scale must be >= 1"),
+        (["--clip-eps-high", "0"], "--clip-eps-high must be > 0"),
+    ],
+}
+OWN_CASES = [(script, argv, message) for script, rows in OWN_FLAGS.items() for argv, message in rows]
+
+
+@pytest.mark.parametrize("script,argv,message", OWN_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in OWN_CASES])
+def test_out_of_range_own_flag_is_one_line(script, argv, message):
+    test_out_of_range_flag_is_one_line(script, argv, message)
+
+
+# The PPO-clip loss and k3 KL of every trainer: log-ratios masked before the exp, so that a padded log-prob of
+# -95 (at T = 0.6 a pad token can be that unlikely; exp(95) overflows float32) gives no NaN gradient.
+CLIP = {"ppo.py": (0.2,), "vineppo.py": (0.2,), "prime_implicit_prm.py": (0.2,), "numca.py": (0.2, 0.28),
+        "hista.py": (0.2, 0.28)}
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_padded_logprob_below_minus_88_gives_no_nan(script):
+    module = importlib.import_module(script[:-3])
+    logprobs = torch.tensor([[-1.0, -95.0]], requires_grad=True)
+    old, ref, adv = torch.tensor([[-1.1, 0.0]]), torch.tensor([[-0.9, 0.0]]), torch.tensor([[0.5, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, _, _, ratio = module.ppo_policy_loss(logprobs, old, adv, mask, *CLIP[script])
+    (loss + module.kl_k3(logprobs, ref, mask).sum()).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0
+    assert ratio.item() == pytest.approx(math.exp(0.1), rel=1e-5)  # the mean ratio over real tokens only
 
 
 # Inputs found only when the data or the model is read: checked as a user sees them, in a subprocess.
@@ -178,8 +238,13 @@ if not torch.cuda.is_available():
     BAD_FILES.append((["--device", "cuda"], "no CUDA device"))
 
 
-@pytest.mark.parametrize("script", TRAINERS)
-@pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a) for a, _ in BAD_FILES])
+# Every row for ppo.py; for the other trainers, a missing model and an empty dataset (the two ways each script's
+# own loading order can fail: the error must come before its run folder exists). A subprocess costs ~5 s.
+BAD_CASES = [("ppo.py", argv, message) for argv, message in BAD_FILES]
+BAD_CASES += [(script, argv, message) for script in TRAINERS[1:] for argv, message in BAD_FILES[0:3:2]]
+
+
+@pytest.mark.parametrize("script,argv,message", BAD_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_CASES])
 def test_bad_input_is_one_line_and_writes_nothing(script, argv, message, tmp_path, empty_jsonl):
     out = tmp_path / "runs"
     argv = [empty_jsonl if a == "EMPTY" else a for a in argv]

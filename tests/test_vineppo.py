@@ -1,6 +1,6 @@
 """vineppo.py: the step splitter, step advantages, the token mapping, the Monte Carlo estimate (one budget per
-prefix), the shared PPO pieces (KL, loss, schedule, chunked log-probs, fixed micro-batches), range checks of
-VinePPO's own flags, end to end. Checkpoint/resume and the shared bad-input table: tests/test_trainers.py."""
+prefix), the shared PPO pieces (KL, loss, schedule, chunked log-probs, fixed micro-batches), end to end.
+Checkpoint/resume and the range checks of every flag: tests/test_trainers.py."""
 
 import math
 import random
@@ -387,16 +387,6 @@ def test_kl_k3():
     assert kl_k3(lp, ref, torch.tensor([1.0, 0.0, 1.0]))[1].item() == 0.0
 
 
-def test_padded_logprob_below_minus_88_gives_no_nan():
-    """exp(95) overflows float32: masking the log-ratio before the exp keeps the gradient finite."""
-    logprobs = torch.tensor([[-1.0, -95.0]], requires_grad=True)
-    old, ref, adv = torch.tensor([[-1.1, 0.0]]), torch.tensor([[-0.9, 0.0]]), torch.tensor([[0.5, 0.0]])
-    mask = torch.tensor([[1.0, 0.0]])
-    loss, _, _, ratio = ppo_policy_loss(logprobs, old, adv, mask, 0.2)
-    (loss + kl_k3(logprobs, ref, mask).sum()).backward()
-    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0
-    assert ratio.item() == pytest.approx(math.exp(0.1), rel=1e-5)  # the mean ratio over real tokens only
-
 
 def test_policy_loss_clipping():
     old, mask = torch.zeros(1, 2), torch.ones(1, 2)
@@ -443,25 +433,6 @@ def test_chunked_logprobs_and_fixed_micro_batches(tiny_model, tokenizer):
 TINY = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12",
         "--num-mc-rollouts", "2", "--eval-every", "1"]
-
-
-# VinePPO's own flags (the shared ones are in tests/test_trainers.py's table): one "error:" line from check_args.
-VINE_OUT_OF_RANGE = [
-    (["--num-mc-rollouts", "0"], "--num-mc-rollouts must be >= 1"),
-    (["--max-estimated-steps", "-1"], "--max-estimated-steps must be >= 0"),
-    (["--clip-eps", "0"], "--clip-eps must be > 0"),
-    (["--kl-coef", "-1"], "--kl-coef must be >= 0"),
-    (["--max-ratio", "nan"], "--max-ratio is NaN"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
-]
-
-
-@pytest.mark.parametrize("argv,message", VINE_OUT_OF_RANGE, ids=[" ".join(a) for a, _ in VINE_OUT_OF_RANGE])
-def test_out_of_range_vineppo_flag_is_one_line(argv, message):
-    args = tyro.cli(Args, args=TINY + argv)
-    with pytest.raises(SystemExit) as exc:
-        check_args(args)
-    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_max_estimated_steps_zero_is_allowed():

@@ -1,0 +1,264 @@
+"""Run every method side by side, over seeds, at an equal budget; `benchmarks/report.py` draws the result.
+
+    python benchmarks/compare.py --arms ppo vineppo --seeds 1 2 3 --max-minutes 30
+    python benchmarks/compare.py --seeds 1 2 3 --max-minutes 12 -- --backend vllm   # flags after -- go to every arm
+    python benchmarks/compare.py --arms numca --seeds 2        # one arm, one seed: spread the work out
+    python benchmarks/compare.py --samples 640 --dry-run       # equal samples instead; print the commands
+
+An arm is a script and its flags (ARMS below: `grpo` is `numca.py --no-numca`, `rloo` is
+`prime_implicit_prm.py --process-reward-coef 0`). Each run is the unchanged script, launched as a subprocess
+with the same seed, evaluation set (the first --num-eval-problems test problems: every script draws them
+with seed 0), evaluation cadence (--eval-every steps) and budget as the other arms; this file re-implements
+nothing and reads nothing but the scripts' own files. Equal runs of two arms at one seed share their first
+batch of problems, so two arms can be compared seed by seed (paired).
+
+Budget: `--max-minutes M` gives every run M minutes of wall-clock as the scripts count it (from the end of
+model loading; held-out evaluations included, so report.py also gives each arm's evaluation share), with
+a step cap of --num-steps, and a constant learning rate without warm-up for every arm (a schedule over
+--num-steps has no known end under a time budget; flags after -- override it). `--samples N` gives every
+run N sampled training responses instead: the step count is N / (num_prompts * samples_per_prompt) of that
+arm, read from the script's own argument parser, and each script keeps its own schedule.
+
+Where things go: `{--out}/{arm}/seed{seed}/` holds `run.json` (the command, its environment, the budget,
+start and end times, exit code), `log.txt` (the script's output) and the script's run folder
+(`{arm}__{seed}__{time}/` with `metrics.jsonl`, `args.json`, TensorBoard events; no final model: the runs
+are for their metrics, so they pass --no-save-model).
+
+Resuming. A run whose run.json has exit code 0 is finished and never redone. A run that another
+invocation is running (a `lock` file naming a live invocation or run on this machine) is left to it, so
+several invocations can share one --out folder: give each its own --arms or --seeds, or the same ones
+(each takes the next free run). A run that was killed restarts cleanly: from its newest checkpoint when
+the script wrote one (pass --save-every N; the scripts resume with their own --resume, the clock
+included), otherwise from scratch, its partial folder deleted first. Runs are taken seed by seed (every arm of seed 1, then of seed 2, ...), so a
+comparison stopped half way is still balanced across arms.
+
+Sharing the machine: each run gets OMP_NUM_THREADS=--threads (default 1) and --parallel runs go at once
+(default 2), so on a 2-core machine two runs share the cores evenly and every arm sees the same load.
+Memory: a run of the default model takes 4-8 GiB (PRIME holds three models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# arm name -> (script, its own flags, the arm it is measured against in report.py)
+ARMS: dict[str, tuple[str, list[str], str | None]] = {
+    "ppo": ("ppo.py", [], None),
+    "vineppo": ("vineppo.py", [], "ppo"),
+    "grpo": ("numca.py", ["--no-numca"], None),
+    "numca": ("numca.py", [], "grpo"),
+    "hista": ("hista.py", [], "grpo"),
+    "rloo": ("prime_implicit_prm.py", ["--process-reward-coef", "0"], None),
+    "prime": ("prime_implicit_prm.py", [], "rloo"),
+}
+
+
+def batch_size(script: str, flags: list[str]) -> int:
+    """Sampled responses per training step of `script` run with `flags`, from the script's own Args."""
+    import importlib
+
+    import tyro
+
+    sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(Path(script).stem)  # the scripts run nothing on import
+    args = tyro.cli(module.Args, args=flags)
+    return args.num_prompts * args.samples_per_prompt
+
+
+def run_command(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> list[str]:
+    script, flags, _ = ARMS[arm]
+    budget = ["--num-steps", str(opts.num_steps)]
+    if opts.max_minutes is not None:
+        # The scripts' learning-rate schedules span --num-steps, which a time budget leaves unknown (ppo.py's
+        # 3% warm-up of a 1,000-step cap would last 30 steps): every arm gets a constant rate instead.
+        budget += ["--max-minutes", str(opts.max_minutes), "--warmup-ratio", "0", "--lr-decay", "constant"]
+    if opts.samples is not None:
+        per_step = batch_size(script, flags + extra)
+        budget = ["--num-steps", str(max(1, round(opts.samples / per_step)))]
+    save = ["--save-every", str(opts.save_every), "--keep-checkpoints", "1"] if opts.save_every else []
+    out = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    return [sys.executable, script, *flags, "--seed", str(seed), "--exp-name", arm, "--output-dir", out,
+            "--eval-every", str(opts.eval_every), "--num-eval-problems", str(opts.num_eval_problems),
+            "--no-save-model", *budget, *save, *extra]
+
+
+def script_run_dir(run_dir: Path) -> Path | None:
+    """The script's own run folder inside ours (it names it {exp_name}__{seed}__{unix time})."""
+    found = sorted(p for p in run_dir.glob("*__*__*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("returncode") == 0
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def holder_alive(lock: Path) -> bool:
+    """Whether the invocation or the run named in `lock` still lives (a lock from another machine counts)."""
+    try:
+        host, *pids = lock.read_text().split()
+        return host != socket.gethostname() or any(pid_alive(int(pid)) for pid in pids)
+    except (ValueError, FileNotFoundError):
+        return False  # half-written or just removed: stale
+
+
+def take_lock(run_dir: Path) -> bool:
+    """Claim a run for this process; False when a live process on this machine holds it."""
+    lock = run_dir / "lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if holder_alive(lock):
+                return False
+            lock.unlink(missing_ok=True)  # its processes died: take the run over
+            continue
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def start(arm: str, seed: int, opts, extra: list[str]) -> tuple[subprocess.Popen, Path, dict] | None:
+    run_dir = ROOT / opts.out / arm / f"seed{seed}"
+    if finished(run_dir):
+        return None
+    if not take_lock(run_dir):
+        print(f"skipped  {arm} seed {seed}: another invocation is running it ({run_dir / 'lock'})", flush=True)
+        return None
+    inner = script_run_dir(run_dir)
+    if inner is not None and (inner / "checkpoints").is_dir() and any((inner / "checkpoints").glob("step_*")):
+        # A killed run with a checkpoint: the script continues it from its own args.json.
+        command = [sys.executable, ARMS[arm][0], "--resume", str(inner)]
+        resumed = True
+    else:
+        for p in run_dir.iterdir():  # a killed run without a checkpoint: start again from nothing
+            if p.name != "lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        command = run_command(arm, seed, run_dir, opts, extra)
+        resumed = False
+    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    record = {"arm": arm, "seed": seed, "script": ARMS[arm][0], "baseline": ARMS[arm][2],
+              "command": f"OMP_NUM_THREADS={opts.threads} " + shlex.join(["python", *command[1:]]),
+              "budget": {"max_minutes": opts.max_minutes, "samples": opts.samples,
+                         "num_steps": int(command[command.index("--num-steps") + 1]) if not resumed else None},
+              "parallel": opts.parallel, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "resumed": resumed, "returncode": None}
+    if resumed and (run_dir / "run.json").exists():  # keep the command that started the run; note the restart
+        old = json.loads((run_dir / "run.json").read_text())
+        record = {**old, "resumed": True, "resume_command": record["command"], "returncode": None}
+    (run_dir / "run.json").write_text(json.dumps(record, indent=1))
+    log = open(run_dir / "log.txt", "a")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    # The run's own pid too: if this invocation dies and the run goes on, no other invocation takes it over.
+    (run_dir / "lock").write_text(f"{socket.gethostname()} {os.getpid()} {proc.pid}")
+    print(f"started  {arm} seed {seed}: {record['command'] if not resumed else record['resume_command']}", flush=True)
+    return proc, run_dir, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
+                        help=f"arms to run, from: {' '.join(ARMS)} (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of every run")
+    parser.add_argument("--samples", type=int, default=None, help="sampled training responses per run instead")
+    parser.add_argument("--num-steps", type=int, default=1000, help="step cap under --max-minutes")
+    parser.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every this many steps")
+    parser.add_argument("--num-eval-problems", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="checkpoint every N steps so that a killed run resumes (default: restart it)")
+    parser.add_argument("--out", default="runs/compare", help="results folder (relative to the repository)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    opts, extra = parser.parse_known_args()
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    elif extra:
+        parser.error(f"unknown flags {' '.join(extra)}: flags for the scripts go after --")
+    if (opts.max_minutes is None) == (opts.samples is None):
+        parser.error("give one budget: --max-minutes M (equal wall-clock) or --samples N (equal samples)")
+    for name in ("num_steps", "eval_every", "num_eval_problems", "threads", "parallel", "samples"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.max_minutes is not None and not opts.max_minutes > 0:
+        parser.error("--max-minutes must be > 0")
+    if opts.save_every < 0:
+        parser.error("--save-every must be >= 0")
+    opts.out = os.path.relpath(Path(opts.out).resolve(), ROOT) if Path(opts.out).resolve().is_relative_to(ROOT) \
+        else str(Path(opts.out).resolve())  # the commands recorded in run.json stay copyable from the repository
+
+    todo = [(arm, seed) for seed in opts.seeds for arm in opts.arms]
+    if opts.dry_run:
+        for arm, seed in todo:
+            run_dir = ROOT / opts.out / arm / f"seed{seed}"
+            state = "finished" if finished(run_dir) else "to run"
+            print(f"[{state}] OMP_NUM_THREADS={opts.threads} "
+                  + shlex.join(["python", *run_command(arm, seed, run_dir, opts, extra)[1:]]))
+        return
+
+    running: list[tuple[subprocess.Popen, Path, dict]] = []
+    failed = []
+    try:
+        while todo or running:
+            while todo and len(running) < opts.parallel:
+                arm, seed = todo.pop(0)
+                job = start(arm, seed, opts, extra)
+                if job is not None:
+                    running.append(job)
+            time.sleep(2)
+            for job in list(running):
+                proc, run_dir, record = job
+                if proc.poll() is None:
+                    continue
+                running.remove(job)
+                record.update(returncode=proc.returncode, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                (run_dir / "run.json").write_text(json.dumps(record, indent=1))
+                inner = script_run_dir(run_dir)
+                if proc.returncode == 0 and inner is not None:
+                    shutil.rmtree(inner / "checkpoints", ignore_errors=True)  # finished: the metrics are what stays
+                (run_dir / "lock").unlink(missing_ok=True)
+                status = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, {run_dir}/log.txt)"
+                print(f"{status} {record['arm']} seed {record['seed']}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(f"{record['arm']} seed {record['seed']}")
+    except KeyboardInterrupt:
+        for proc, run_dir, record in running:
+            proc.terminate()  # the scripts stop at once on a second SIGINT; SIGTERM ends them now
+            proc.wait()
+            (run_dir / "lock").unlink(missing_ok=True)
+        sys.exit("stopped: run the same command again to continue (finished runs are kept)")
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
+    print(f"done: python benchmarks/report.py --out {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""benchmarks/compare.py (runs, skips, restarts) and benchmarks/report.py (its arithmetic, by hand)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare  # noqa: E402
+import report  # noqa: E402
+
+TINY = ["--model", "tiny-random", "--num-prompts", "2", "--samples-per-prompt", "2", "--minibatch-size", "2",
+        "--micro-batch-size", "1", "--max-new-tokens", "12"]
+
+
+# ---- report.py: the definitions its docstring states, on numbers worked by hand ----
+EVALS = [(0, 0.2, 0, 0.30), (2, 3.0, 64, 0.35), (4, 6.5, 128, 0.40), (5, 10.4, 160, 0.38)]  # step, min, samples, acc
+
+
+def test_accuracy_at_is_the_latest_evaluation_not_after():
+    assert math.isnan(report.at(EVALS, 0.1, 1))  # before the first evaluation
+    assert report.at(EVALS, 0.2, 1) == 0.30
+    assert report.at(EVALS, 6.4, 1) == 0.35  # never a later evaluation
+    assert report.at(EVALS, 6.5, 1) == 0.40
+    assert report.at(EVALS, 100, 1) == 0.38
+    assert report.at(EVALS, 127, 2) == 0.35 and report.at(EVALS, 128, 2) == 0.40  # along samples
+
+
+def test_mean_and_standard_error():
+    m, se = report.mean_se([0.3, 0.4, 0.5])
+    assert m == pytest.approx(0.4) and se == pytest.approx(0.1 / math.sqrt(3))  # sd (n-1) = 0.1
+    m, se = report.mean_se([0.3, math.nan])  # missing values are left out; one value has no error
+    assert m == 0.3 and math.isnan(se)
+    assert report.fmt(0.4, 0.0577) == "0.400 ± 0.058" and report.fmt(math.nan, math.nan) == "-"
+
+
+def test_time_to_a_target():
+    assert report.time_to(EVALS, 0.35) == 3.0
+    assert report.time_to(EVALS, 0.39) == 6.5
+    assert math.isnan(report.time_to(EVALS, 0.41))
+
+
+def fake_run(out: Path, arm: str, seed: int, baseline, evals, step_times, budget=10.0):
+    """A finished compare.py run folder with a metrics.jsonl written as the scripts write it."""
+    run_dir = out / arm / f"seed{seed}"
+    inner = run_dir / f"{arm}__{seed}__1"
+    inner.mkdir(parents=True)
+    (inner / "args.json").write_text(json.dumps({"num_prompts": 4, "samples_per_prompt": 8}))
+    rows, wall = [], 0.0
+    for step, (acc, eval_s) in enumerate(evals):
+        if step > 0:
+            wall += step_times[step - 1]
+            rows.append({"step": step, "wall_s": wall, "charts/step_time": step_times[step - 1],
+                         "time/generation": 1.0, "time/update": step_times[step - 1] - 1.0})
+        wall += eval_s
+        rows.append({"step": step, "eval_accuracy": acc, "wall_s": wall})
+    (inner / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "run.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "baseline": baseline, "command": f"python x.py --seed {seed}",
+        "budget": {"max_minutes": budget, "samples": None, "num_steps": 1000}, "returncode": 0}))
+
+
+def table(md: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the markdown table under `heading`, by their first cell."""
+    section = md.split(f"## {heading}")[1].split("\n## ")[0]
+    return {line.split(" | ")[0].strip("| "): [c.strip(" |") for c in line.split(" | ")]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
+
+
+def test_report_tables_by_hand(tmp_path):
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    # Steps of 180 s, evaluations of 20 s: evaluations at 1/3, 11/3, 7 and 31/3 minutes; budget 10 minutes,
+    # so the fixed points are 10/3 and 20/3 minutes and "end" is the evaluation at 31/3.
+    fake_run(out, "grpo", 1, None, [(0.30, 20), (0.34, 20), (0.40, 20), (0.36, 20)], [180, 180, 180])
+    fake_run(out, "grpo", 2, None, [(0.30, 20), (0.32, 20), (0.36, 20), (0.40, 20)], [180, 180, 180])
+    fake_run(out, "numca", 1, "grpo", [(0.30, 20), (0.40, 20), (0.42, 20), (0.44, 20)], [180, 180, 180])
+    fake_run(out, "numca", 2, "grpo", [(0.30, 20), (0.30, 20), (0.40, 20), (0.38, 20)], [180, 180, 180])
+    fake_run(out, "unfinished", 1, None, [(0.30, 20)], [])
+    (out / "unfinished" / "seed1" / "run.json").write_text(json.dumps({"arm": "unfinished", "returncode": None}))
+    proc = subprocess.run([sys.executable, "benchmarks/report.py", "--out", str(out), "--docs", str(docs)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    md = (docs / "compare.md").read_text()
+    assert (docs / "compare.png").stat().st_size > 10_000
+    assert "unfinished" not in md and "python x.py --seed 2" in md
+    acc = table(md, "Held-out accuracy")
+    # grpo at 10/3 min: the step-0 evaluations; at 20/3: those of 11/3 min (0.34, 0.32); end 0.36, 0.40.
+    assert acc["grpo"][2:5] == ["0.300 ± 0.000", "0.300 ± 0.000", "0.330 ± 0.010"]
+    assert acc["grpo"][5:7] == ["0.380 ± 0.020", "0.400 ± 0.000"]
+    assert acc["grpo"][7:] == ["3.0", "96", "10.3", "13%"]  # steps, samples (3 x 32), minutes, 80 s of 620
+    # numca minus grpo, seed by seed: at 20/3 min +0.06, -0.02; end +0.08, -0.02; best +0.04, 0.00.
+    pair = table(md, "Each method")["numca"]
+    assert pair[1:5] == ["grpo", "2", "0.020 ± 0.040", "0.030 ± 0.050"] and pair[6] == "0.020 ± 0.020"
+    # minutes to grpo's best (0.40 at both seeds): numca 11/3 and 7; grpo itself 7 and 31/3.
+    assert pair[7:10] == ["3.7, 7.0", "7.0, 10.3", "2 of 2"]
+    steps = table(md, "Step time")
+    assert steps["grpo"][1:5] == ["180.0", "1.0", "179.0", "0.0"] and steps["numca"][5] == "+0% (against grpo)"
+
+
+def test_report_without_runs_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/report.py", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: no finished runs")
+
+
+# ---- compare.py: real runs of the tiny model ----
+def run_compare(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/compare.py", "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_compare_runs_skips_and_restarts(tmp_path):
+    out = tmp_path / "cmp"
+    flags = ["--arms", "ppo", "grpo", "--seeds", "1", "--samples", "8", "--num-eval-problems", "4", "--", *TINY]
+    proc = run_compare(out, *flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for arm, script in [("ppo", "ppo.py"), ("grpo", "numca.py --no-numca")]:
+        record = json.loads((out / arm / "seed1" / "run.json").read_text())
+        assert record["returncode"] == 0 and f"python {script} --seed 1" in record["command"]
+        assert "--num-steps 2" in record["command"]  # 8 samples / (2 prompts x 2 samples)
+        (inner,) = (out / arm / "seed1").glob(f"{arm}__1__*")
+        steps = [json.loads(line)["step"] for line in (inner / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 2 and not (inner / "final_model").exists()
+    started = json.loads((out / "ppo" / "seed1" / "run.json").read_text())["started"]
+
+    # A run killed without a checkpoint (its lock names a dead process) restarts from nothing.
+    grpo = out / "grpo" / "seed1"
+    record = json.loads((grpo / "run.json").read_text())
+    (grpo / "run.json").write_text(json.dumps({**record, "returncode": None}))
+    (grpo / "lock").write_text(f"{compare.socket.gethostname()} 999999999")
+    (grpo / "leftover.txt").write_text("half a run")
+    proc = run_compare(out, *flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "started  ppo" not in proc.stdout and "started  grpo seed 1" in proc.stdout  # finished: never redone
+    assert json.loads((out / "ppo" / "seed1" / "run.json").read_text())["started"] == started
+    assert not (grpo / "leftover.txt").exists() and not (grpo / "lock").exists()
+    assert len(list(grpo.glob("grpo__1__*"))) == 1
+
+    # A run that a live process holds is left to it.
+    (grpo / "run.json").write_text(json.dumps({**record, "returncode": None}))
+    (grpo / "lock").write_text(f"{compare.socket.gethostname()} {os.getpid()}")
+    proc = run_compare(out, *flags)
+    assert proc.returncode == 0 and "started" not in proc.stdout and "skipped  grpo seed 1" in proc.stdout
+
+
+def test_compare_resumes_a_killed_run_from_its_checkpoint(tmp_path):
+    out = tmp_path / "cmp"
+    command = [sys.executable, "benchmarks/compare.py", "--out", str(out), "--arms", "ppo", "--seeds", "3",
+               "--samples", "40", "--save-every", "1", "--num-eval-problems", "4", "--", *TINY]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (saved := list((out / "ppo" / "seed3").glob("ppo__3__*/checkpoints/step_*"))) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # compare.py and its run, as a crash or a closed terminal would
+    proc.wait()
+    assert saved, "no checkpoint within 300 s"
+    assert int(saved[0].name.split("_")[1]) < 10  # killed part way through its 10 steps
+    done = run_compare(out, *command[4:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((out / "ppo" / "seed3" / "run.json").read_text())
+    assert record["returncode"] == 0 and record["resumed"] and "--resume" in record["resume_command"]
+    assert "--seed 3" in record["command"]  # the command that started the run is kept
+    (inner,) = (out / "ppo" / "seed3").glob("ppo__3__*")
+    train = [json.loads(line)["step"] for line in (inner / "metrics.jsonl").read_text().splitlines()
+             if "charts/step_time" in line]
+    assert train == list(range(1, 11)) and not (inner / "checkpoints").exists()  # each step once; cleaned up
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arms", "ppo"], "give one budget"),
+    (["--max-minutes", "5", "--samples", "10"], "give one budget"),
+    (["--max-minutes", "5", "--model", "x"], "flags for the scripts go after --"),
+    (["--max-minutes", "5", "--parallel", "0"], "--parallel must be >= 1"),
+    (["--max-minutes", "-1"], "--max-minutes must be > 0"),
+    (["--max-minutes", "5", "--arms", "dqn"], "invalid choice"),
+])
+def test_compare_bad_flags_are_one_line(argv, message, tmp_path):
+    proc = run_compare(tmp_path, *argv)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
