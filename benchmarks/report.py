@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,11 @@ def fmt(m: float, se: float, digits: int = 3) -> str:
 
 def curve(runs: list[dict], grid: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([[at(r["evals"], x, axis) for x in grid] for r in runs])
-    mean = np.nanmean(values, axis=0)
     n = np.sum(~np.isnan(values), axis=0)
-    se = np.where(n > 1, np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.maximum(n, 1)), np.nan)
+    with warnings.catch_warnings():  # grid points past every run's end (all nan), or one seed: nan, said
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        se = np.where(n > 1, np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.maximum(n, 1)), np.nan)
     return mean, se
 
 

@@ -18,7 +18,10 @@ Extraction: the model's final answer is the FIRST of these that the response has
 Equivalence: two plain numbers are compared directly (relative tolerance 1e-6); everything else goes to
 math-verify (fractions, roots, LaTeX forms, sets, intervals, tuples, relations, units, percentages). An
 equation such as "x = 5" or "3 \\times 4 = 12" counts by its right-hand side when the gold is not an
-equation, and a relation such as "x \\geq 5" equals the interval "[5, \\infty)".
+equation, and a relation such as "x \\geq 5" equals the interval "[5, \\infty)". Against a gold answer that
+is a number, the model's answer must be a number too: "\\boxed{59 * 100}" is the question restated, not
+5900, and scores 0.0 (math-verify alone would evaluate it; a policy learns to exploit that, see
+_is_calculation).
 
 Safety and time:
 - Nothing is ever executed: math-verify parses LaTeX into sympy without `eval`.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import selectors
@@ -248,6 +252,50 @@ def _as_number(s: str) -> float | None:
     return float(m.group(1).replace(",", "")) if m else None
 
 
+# A numeric gold answer needs a number, not the calculation that leads to it. math-verify evaluates what
+# it parses, so "59 * 100" equals 5900 to it, and a policy trained on the arithmetic task learns to box the
+# question's own expression: measured, `ppo.py` (30 minutes, vLLM) answered "\boxed{59 * 100}" and
+# "\boxed{5 * 9} 5 * 9 = 55" and scored 1.0 on every held-out problem; PRIME's jumps in the README's first
+# side-by-side benchmark were the same. So when the gold answer is a number (12, -3.5, 1,234, 2/3,
+# \frac{2}{3}), the model's answer, read after its last "=" as math-verify reads equations, must be one
+# too: an arithmetic operation between numbers (+ - * / ^ \times \cdot \div, a root, a factorial)
+# scores 0.0, and so does a fraction that is a whole number (590/10 is the division 590 / 10 not done;
+# 2/4 against 1/2 still counts).
+# Units, \text{...}, degrees, percent and currency signs are ignored; a x 10^n is a number.
+_NUMERIC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_FRACTION = re.compile(r"^-?\s*(?:(\d+)\s*/\s*(\d+)|\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\})$")
+_NUMERIC_GOLD = re.compile(rf"^\$?\s*-?\s*(?:{_NUMERIC})\s*\$?$")
+_DECORATION = re.compile(
+    r"\\(?:text|textrm|mathrm|mbox|textbf|operatorname)\s*\{[^{}]*\}(?:\^\{?\d+\}?)?"  # units: \text{cm}^2
+    r"|\^\s*\{?\s*\\circ\s*\}?"  # degrees
+    r"|\\[,!;: ]|\{,\}|\\?%|\\?\$|\\left|\\right"  # spacing, 1{,}000, percent, currency, \left( \right)
+)
+_SCIENTIFIC = re.compile(rf"^-?\s*(?:{_NUMERIC})\s*(?:\\times|\\cdot|\*|x|×)\s*10\s*\^\s*\{{?\s*-?\d+\s*\}}?$")
+_OPERATION = re.compile(
+    r"[\d}).]\s*(?:[-+*/^×÷·]|\\times|\\cdot|\\div|\\ast|\\pm|\\mp)\s*[-\d{(\\.]"  # 5 * 9, 2^{10}, (3)+(4)
+    r"|\\sqrt|\\binom|\d\s*!"  # \sqrt{4}, \binom{5}{2}, 5!
+)
+
+
+def _is_numeric_gold(gold: str) -> bool:
+    return bool(_NUMERIC_GOLD.match(gold.strip()) or _FRACTION.match(gold.strip()))
+
+
+def _is_calculation(pred: str) -> bool:
+    """True when `pred` (against a numeric gold answer) is an arithmetic expression rather than a number:
+    "59 * 100", "2^{10}", "\\sqrt{16}", "590/10" and "\\frac{8}{4}" (fractions that are whole numbers).
+    "3 \\times 4 = 12", "-7", "2/3", "\\frac{6}{4}", "1{,}000", "5 \\text{ cm}^2", "30^\\circ",
+    "2.5 \\times 10^{3}" are not."""
+    s = _DECORATION.sub(" ", re.split(r"=|\\approx", pred)[-1]).strip().strip("()").strip()
+    fraction = _FRACTION.match(s)
+    if fraction:
+        a, b = (int(x) for x in fraction.groups() if x is not None)
+        return b == 0 or a % b == 0
+    if _SCIENTIFIC.match(s):
+        return False
+    return bool(_OPERATION.search(s))
+
+
 def _parse(s: str):
     return parse(f"${s}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
                  parsing_timeout=TIMEOUT_S)
@@ -274,6 +322,8 @@ def grade(response: str, gold: str) -> float:
     pred = extract_answer(response)
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return 0.0  # no answer, or one too long to be an answer
+    if _is_numeric_gold(gold) and _is_calculation(pred):
+        return 0.0  # the calculation, not its result: see _is_calculation
     a, b = _as_number(pred), _as_number(gold)
     if a is not None and b is not None:  # the common case, decided without sympy
         return float(abs(a - b) <= 1e-6 * max(1.0, abs(b)))

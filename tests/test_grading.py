@@ -10,7 +10,7 @@ Every case below was worked out by hand (the expected grade is what a careful hu
 |                                     | digits, `$`, `\\(`, boxes, "answer is", fractions...;       |        |
 |                                     | each graded right, all 17 together < 5 s of CPU (measured:  |        |
 |                                     | about 1 s in all, 0.16 s at most for one MB)                |        |
-| 3. the same grade on any thread     | all 84 graded cases on 2 worker threads + 4 tests: hostile  | 88/88  |
+| 3. the same grade on any thread     | all 113 graded cases on 2 worker threads + 4 tests: hostile  | 117/117|
 |                                     | input stays bounded; a helper that cannot start or dies     |        |
 |                                     | raises GradingError; one that hangs is killed and warns     |        |
 | 4. unboxed answers                  | 24 cases (UNBOXED): 2/3, (7, 6), x >= 5, equations, prices, | 24/24  |
@@ -18,8 +18,11 @@ Every case below was worked out by hand (the expected grade is what a careful hu
 | hostile input (towers, code, depth) | 7 cases                                                     | 7/7    |
 | extraction order                    | test_extract_answer_priority (6 checks)                     | 6/6    |
 | no silent 0.0                       | empty gold raises; an unparseable gold warns                | 2/2    |
+| 5. a calculation is not a number    | 29 cases (CALCULATIONS): "\\boxed{59 * 100}" for 5900 (a    | 29/29  |
+|                                     | reward hack ppo.py learned), 2^{10}, 590/10; numbers in     |        |
+|                                     | any notation still count                                    |        |
 
-101 pytest tests in all (`python -m pytest tests/test_grading.py -q`), all passing.
+130 pytest tests in all (`python -m pytest tests/test_grading.py -q`), all passing.
 """
 
 import os
@@ -135,7 +138,43 @@ UNBOXED = [
     ("A long derivation $" + "1+" * 200 + "1$ so 9 remain", "9", 1.0),
 ]
 
-ALL_CASES = REGRESSION + MULTI_BOX + UNBOXED
+# 5. Against a numeric gold answer, the calculation is not its result. The first two are what ppo.py learned
+#    to write in 30 minutes on the arithmetic task (math-verify evaluates them to the gold answer).
+CALCULATIONS = [
+    ("\\boxed{59 * 100} 59 * 100 = 590", "5900", 0.0),
+    ("\\boxed{5 * 9} 5 * 9 = 55", "45", 0.0),
+    ("The answer is 88 + 44.", "132", 0.0),
+    ("$\\boxed{12 - 7}$", "5", 0.0),
+    ("\\boxed{3 \\times 4}", "12", 0.0),
+    ("\\boxed{7 \\cdot 8}", "56", 0.0),
+    ("\\boxed{2^{10}}", "1024", 0.0),
+    ("\\boxed{\\sqrt{16}}", "4", 0.0),
+    ("\\boxed{5!}", "120", 0.0),
+    ("\\boxed{(3)+(4)}", "7", 0.0),
+    ("\\boxed{5 - (-3)}", "8", 0.0),
+    ("\\boxed{590/10}", "59", 0.0),  # a fraction that is a whole number: the division, not done
+    ("\\boxed{\\frac{8}{4}}", "2", 0.0),
+    ("\\boxed{12 = 3 \\times 4}", "12", 0.0),  # read after the last "=", as math-verify reads equations
+    ("\\boxed{\\frac{6 \\times 2}{3}}", "4", 0.0),
+    # ... while numbers, however written, still count
+    ("$3 \\times 4 = \\boxed{12}$", "12", 1.0),
+    ("\\boxed{3 \\times 4 = 12}", "12", 1.0),
+    ("\\boxed{-7}", "-7", 1.0),
+    ("\\boxed{1{,}000}", "1000", 1.0),
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{2.5 \\times 10^{3}}", "2500", 1.0),  # scientific notation is a number
+    ("\\boxed{30^\\circ}", "30", 1.0),
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{5 \\text{ cm}^2}", "5", 1.0),
+    ("\\boxed{-\\frac{3}{4}}", "-0.75", 1.0),
+    ("\\boxed{\\frac{6}{4}}", "\\frac{3}{2}", 1.0),  # an unreduced fraction that is not whole is a number
+    ("\\boxed{1/2}", "0.5", 1.0),
+    # ... and a symbolic gold answer is math-verify's to judge, expressions included
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+    ("\\boxed{x^2 + 2x + 1}", "(x+1)^2", 1.0),
+]
+
+ALL_CASES = REGRESSION + MULTI_BOX + UNBOXED + CALCULATIONS
 
 
 @pytest.mark.parametrize("response,gold,expected", ALL_CASES)
@@ -181,7 +220,7 @@ FLOODS = [
     ("'answer is'", "answer is " * (MB // 10), "7", 0.0),
     ("'answer is' then words", "The answer is 7 " + "apples and " * (MB // 11) + "pears", "7", 1.0),
     ("boxes and commas", "\\boxed{1}, " * (MB // 11), "7", 0.0),
-    ("fractions", "1/" * (MB // 2), "1", 1.0),  # its last number is the fraction 1/1
+    ("fractions", "1/" * (MB // 2), "1", 0.0),  # its last number is the fraction 1/1: a division, not 1
     ("blank lines around ####", " \n" * (MB // 2) + "#### 7\n" + " \n" * (MB // 2), "7", 1.0),
 ]
 
