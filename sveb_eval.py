@@ -14,8 +14,8 @@ Two stages, which can run separately (`--stage build`, `--stage eval`; the defau
   Also pre-sample problems of the train split (20 responses each): PPO-1's critic and PRIME's PRM train on
   them. Everything goes to one JSONL file, a chunk of problems at a time; an interrupted build resumes where
   it stopped.
-- eval: read that file, run every estimator, write a markdown table, a bar chart, JSON and the critic-
-  collapse check to the output folder.
+- eval: read that file, run every estimator, write a markdown table, a bar chart (the paper's number and
+  math figures hatched beside ours), JSON and the critic-collapse check to the output folder.
 
 The estimators, each imported from the script that trains with it where one does, so the benchmark
 measures that code:
@@ -1007,7 +1007,8 @@ def markdown_tables(results: dict, config: dict, args: Args) -> str:
 
 
 def bar_chart(results: dict, path: str) -> None:
-    """MAE ± SE per estimator, one bar per field (and all)."""
+    """MAE ± SE per estimator, one bar per field (and all), and beside them the paper's number and math
+    figures (hatched; no error bar: the paper gives none) for the estimators it reports."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1016,17 +1017,25 @@ def bar_chart(results: dict, path: str) -> None:
     names = list(results["mae"])
     groups = [g for g in FIELDS if results["mae"][names[0]][g][2]]
     groups += ["all"] if len(groups) > 1 else []  # "all" would repeat the only non-empty field
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
-    width = 0.8 / len(groups)
-    for j, g in enumerate(groups):
-        ys = [results["mae"][n][g][0] for n in names]
-        es = [0 if math.isnan(results["mae"][n][g][1]) else results["mae"][n][g][1] for n in names]
-        ax.bar(np.arange(len(names)) + (j - (len(groups) - 1) / 2) * width, ys, width, yerr=es, capsize=2,
-               label=f"{g} (n={results['mae'][names[0]][g][2]})")
+    # (label, [MAE or nan per estimator], [SE per estimator], bar style): ours, then the paper's two fields.
+    bars = [(f"ours: {g} (n={results['mae'][names[0]][g][2]})",
+             [results["mae"][n][g][0] for n in names],
+             [0 if math.isnan(results["mae"][n][g][1]) else results["mae"][n][g][1] for n in names], {})
+            for g in groups]
+    if any(n in PAPER_MAE for n in names):
+        for j, field in enumerate(("number", "math")):
+            ppo_n = " (its PPO is PPO-N)" if j == 0 and any(n.startswith("PPO") for n in names) else ""
+            bars.append((f"paper: {field}{ppo_n}", [PAPER_MAE[n][j] if n in PAPER_MAE else math.nan for n in names],
+                         None, {"color": ("0.55", "0.8")[j], "hatch": "//", "edgecolor": "0.3"}))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    width = 0.8 / len(bars)
+    for j, (label, ys, es, style) in enumerate(bars):
+        ax.bar(np.arange(len(names)) + (j - (len(bars) - 1) / 2) * width, ys, width, yerr=es,
+               capsize=2 if es else 0, label=label, **style)
     ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("MAE vs Monte Carlo ground truth")
     ax.set_title("SVEB: state value estimation error (lower is better)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
