@@ -1,111 +1,52 @@
-"""Hista (Chen et al., "Hista and Numca", arXiv 2605.29782): state values from hidden-state neighbours among
-a prompt's rollouts, on a GRPO/DAPO base. No critic, no extra model pass.
+"""Hista (Chen et al., "Hista and Numca", arXiv 2605.29782; official code VOXXXX1874/Hista), on a GRPO/DAPO base.
 
-The value of a response prefix is a distance-weighted average of the final rewards of the nearest prefixes
-among all rollouts of the same prompt in the batch, with distances between the policy's own last-layer
-hidden states over the prompt and the response, taken from the forward pass that already computes the old
-log-probs. States are taken every `--interval` response tokens; each token of segment j gets
-R - V(state_j), divided by the group's reward std + 1e-4. The loss is DAPO's: clip-higher (0.2 / 0.28),
-token-level mean, no KL. `--no-hista` gives plain GRPO/DAPO from the same file, and
-`diff numca.py hista.py` shows only the estimators.
+The value of a response prefix is a 1/d-weighted k-nearest-neighbour average of the final rewards of the
+closest prefixes among the rollouts of the same prompt in the batch. Prefixes are compared by MinDistance
+between the policy's own last-layer hidden states over prompt and response (EMA-smoothed, averaged in windows
+of 5), taken from the forward pass that computes the old log-probs. States every --interval response tokens;
+each token of segment j gets R - V(state_j), divided by the group's reward std + 1e-4. The loss is DAPO's
+(clip 0.2 / 0.28, token-level mean, no KL). --no-hista gives plain GRPO/DAPO; `diff numca.py hista.py` shows
+only the estimators.
 
-Steps of the estimate (shared/docs/ALGORITHMS.md section 6; official code VOXXXX1874/Hista):
-1. hidden states of the prompt and response tokens, smoothed along the sequence by a bias-corrected EMA
-   (alpha 0.7) run from the first prompt token (the official representation includes the prompt too),
-   then averaged in windows of 5 tokens aligned to the response start: a prefix of p response tokens is the prompt's ceil(P / 5)
-   windows followed by its first ceil(p / 5) response windows;
-2. MinDistance between two prefixes: for each window of the longer, the L2 distance to the nearest
-   window of the shorter, summed and divided by the longer length; all pairs of a prompt's prefixes at
-   once from one padded distance tensor (cumulative minimum, then cumulative sum), on the model's device;
-3. the pool of a prefix: every candidate prefix of every rollout of the prompt (the prompt-only prefix,
-   one every --interval response tokens, and the whole response), labelled with that rollout's reward;
-   of its own rollout only those no longer than itself. Distances clamped below at d_min, the k nearest
-   weighted by 1/d, with the official k schedule: for the n estimated states of a response,
-   k_i = k_max - floor((k_max - k_min) / n) * i, i = 0 .. n - 1 (66 - floor(60 / n) * i: it never
-   reaches 6, and stays 66 when n > 60);
-4. the first state's value is the group mean, the terminal state's is R.
+Departures from the official code (docs/hista.md gives the reasons):
+- textbook bias-corrected EMA from zero; official: seeded with h_0, run over the left-padded batch
+- hidden states averaged in windows of 5; official: every 5th smoothed state
+- states on a grid from the response start (no one-token lookahead); official: from the first prompt token
+- the last response token gets R - V of its segment; official: advantage 0
+- --interval 10 (official: 50): the CPU default's responses are 30-120 tokens long
+- --d-min 2.5 (official: 5 for Qwen2.5-1.5B): the floor scales with the model's hidden states
+- a group whose rewards are all equal keeps its advantages undivided (they are 0 either way)
+- dynamic sampling is off by default (--dynamic-sampling-scale 2 is the official recipes')
+- CPU-sized defaults: 4 prompts x 8 (official 32), lr 1e-5, T 0.6, 4 optimizer steps on quarters of the batch
+- a micro-batch whose mean ratio exceeds --max-ratio is skipped (losses/skipped); TRL has no such guard
+- no sampler/learner importance-sampling correction (TRL 0.29 applies one by default with vLLM)
+- DAPO loss only (the official recipes also train with CISPO)
 
-Choices and departures:
-- The EMA is the textbook bias-corrected one (it starts from zero, so a constant sequence stays
-  constant); the official code seeds it with the first hidden state and still divides by 1 - alpha^(t+1),
-  so its first smoothed state is h_0 / 0.3, and its recursion starts at the first column of the
-  left-padded batch (a shorter prompt's pad columns leak into its first states). Windows are averaged,
-  as the paper says; the official code keeps every 5th smoothed vector instead.
-- Still different from the official code:
-  - the grid: here states sit every --interval tokens from the RESPONSE start and the windows are aligned
-    to it, so a state's prefix ends just before the first token it scores. The official grid is anchored
-    at the first PROMPT token (a node every 50 tokens from there, the response start replacing the last
-    node before it), and its strided rows are the smoothed states AT the node tokens, so a state's
-    representation already includes the first token it scores (a one-token lookahead);
-  - the last response token: the official advantages end one token early (the segments run between node
-    indices, the last node being the last token), so the last token (EOS) gets advantage 0; here it gets
-    R - V of its segment like the others.
-- `--interval 10` (the paper: 50): the CPU default's responses are 30-120 tokens long, so 50 would give
-  most of them no intermediate state at all; 10 gives 3-12 states per response.
-- `--d-min 2.5` (the paper: 5 for Qwen2.5-1.5B): the floor decides how much a prefix's own rollout
-  (distance 0) outweighs its neighbours, so it must scale with the model's hidden states. For
-  SmolLM2-135M's last layer (hidden size 576, state norm ~48) we measured, between a prefix and the other
-  rollouts' prefixes of the same prompt (64 rollouts: 8 arithmetic prompts x 8, T = 0.6, bf16 autocast),
-  MinDistances of 2.5 / 7.4 / 13.1 (5% / median / 95%) with the prompt in the representation, against
-  7.9 / 14.7 / 24.5 without it (the prompt's windows are shared by a group, so they match at distance ~0
-  and pull the averages down). As with the response-only representation (d_min 10 then, near its 5th
-  percentile), the floor sits at the 5th percentile: the closest ~5% count as equally close, and a
-  rollout's own prefix weighs about 3 times a median neighbour.
-- A group whose rewards are all equal (std 0) keeps its advantages undivided (group_scale, as in
-  numca.py); here its values all equal the shared reward, so its advantages are 0 either way.
-- `--dynamic-sampling-scale 2` draws twice the prompts and keeps the half whose pass rate is nearest 0.5,
-  as both official recipes do (for the GRPO baseline too). Off by default: it doubles the generation, the
-  largest part of a CPU step.
-- Optimizer as the official recipes: TRL's AdamW defaults (eps 1e-8, no weight decay) and a constant
-  learning rate without warm-up (flags: --adam-eps, --weight-decay, --warmup-ratio, --lr-decay).
-- KL and ratio safety: with --kl-coef > 0 (DAPO has none) the per-token k3 is clamped to [0, 10];
-  log-ratios are masked before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped
-  and counted (losses/skipped), a guard of this repository's shared template (VinePPO's code; TRL has none).
-- Batch invariance: each step's micro-batch partition is drawn once; the old pass (log-probs and hidden
-  states), the reference pass and every epoch of the update run exactly those micro-batches (epochs
-  shuffle their order), so at unchanged weights the update's log-probs equal the old ones bit for bit and
-  clipfrac / approx_kl / kl_ref_k3 measure only the update. The price: the no-grad passes use the update's
-  micro-batch size.
-- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
-  autograd); gradient checkpointing on CUDA by default; a reference model only with --kl-coef > 0, in
-  bfloat16 on CUDA (float32 on the CPU, so that it reproduces the policy's log-probs exactly at step 0).
-  The hidden states stay on the model's device until the step's advantages are computed; one prompt's
-  distance tensors take about 8 x G^2 x L^2 floats (L windows per rollout, prompt included).
-- Defaults sized for the offline CPU run as in numca.py (4 prompts x 8 samples, lr 1e-5, T = 0.6).
+Docs: docs/hista.md
 
 Run:  python hista.py                                                        # CPU, offline, default
       python hista.py --no-hista                                             # the GRPO/DAPO baseline
-      python hista.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset math --backend vllm   # one GPU
+      python hista.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import random
-import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from common.args import check_ranges
-from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
-from common.generation import make_generator
 from common.grading import grade
-from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
-                           resolve_model_path)
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
+from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
 
 
 @dataclass
@@ -419,6 +360,38 @@ def select_prompts(pass_rates: torch.Tensor, keep: int) -> list[int]:
     return sorted(nearest[:keep])
 
 
+def hista_advantages(hidden: list[torch.Tensor], prompt_lens: list[int], scores: torch.Tensor, lengths: torch.Tensor,
+                     scale: torch.Tensor, G: int, args):
+    """Hista's token advantages for a batch of B responses, prompt-major in groups of G: hidden[b] the policy's
+    last-layer hidden states over prompt and response b, prompt_lens[p] the length of prompt p, scores (B,) the
+    rewards, lengths (B,) the response lengths, scale one factor per group; the estimator's settings from
+    `args` (interval, ema_alpha, window, k_max, k_min, d_min, lam). Returns ((B, T) advantages, statistics)."""
+    advantages = torch.zeros(len(scores), int(lengths.max()))  # (B, T)
+    kth_distances, states_per_response = [], []
+    for p in range(len(prompt_lens)):
+        #   a-c. kNN values of every state of every rollout of this prompt (state 0: the group mean), from the
+        #        hidden states of the prompt and each response, on the model's device
+        group = range(p * G, (p + 1) * G)
+        values, kth = hista_group_values(
+            [hidden[b] for b in group], prompt_lens[p], scores[p * G : (p + 1) * G].tolist(),
+            args.interval, args.ema_alpha, args.window, args.k_max, args.k_min, args.d_min)
+        kth_distances += kth
+        #   d. token advantages R - V(state of its segment) (lambda = 1), times the group's scale
+        for b, row in zip(group, values):
+            seg_adv = segment_advantages(row, float(scores[b]), args.lam)
+            segment = torch.arange(int(lengths[b])) // args.interval  # (T_b,) segment of each token
+            advantages[b, : int(lengths[b])] = torch.tensor(seg_adv)[segment] * scale[p]
+            states_per_response.append(len(row) + 1)  # + the terminal state
+    windows = math.ceil(max(prompt_lens) / args.window) + math.ceil(int(lengths.max()) / args.window)
+    return advantages, {
+        "hista/states_per_response": np.mean(states_per_response),
+        "hista/kth_neighbour_distance": np.mean(kth_distances) if kth_distances else float("nan"),
+        # the float32 tensors the estimate holds at its peak: the batch's hidden states, and one prompt's
+        # (G, G, L, L) distance tensor with its cumulative min (values and int64 indices) / sum companions
+        "hista/memory_mb": (sum(h.numel() for h in hidden) + 8 * G**2 * windows**2) * 4 / 2**20,
+    }
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
     to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
@@ -499,12 +472,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[target] for (N, V) logits and (N,) targets -> (N,), in float32."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False, with_hidden: bool = False,
                       chunk: int = 256):
     """Log-prob of each response token under `model` at the sampling temperature: (B, T) [, entropy (B, T)]
@@ -565,75 +532,28 @@ def in_micro_batches(fn, batch: Batch, micro_batches):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation and logging helpers.
+# The checks of the arguments.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
-    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
-    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
-    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
-    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
-
-
-def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
-    rows = ["| question | response | reward |", "|---|---|---|"]
-    for q, r, s in samples:
-        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
-    return "\n".join(rows)
-
-
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
-    check_ranges(args, {
-        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
-                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len",
-                 "interval", "window", "k_max", "k_min", "dynamic_sampling_scale"],
-        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every"],
-        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps_low", "clip_eps_high",
-                "max_ratio", "d_min"],
-        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
-        "in [0, 1]": ["warmup_ratio", "lam"],
-    })
-    args.batch_size = args.num_prompts * args.samples_per_prompt
-    if args.batch_size % args.minibatch_size:
-        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
-                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
-    if args.minibatch_size % args.micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
-                         f"--minibatch-size {args.minibatch_size}")
-    if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
+    check_shared_args(args)
+    check_ranges(args, {">= 1": ["interval", "window", "k_max", "k_min", "dynamic_sampling_scale"],
+                        ">= 0": ["kl_coef"], "> 0": ["clip_eps_low", "clip_eps_high", "max_ratio", "d_min"],
+                        "in [0, 1]": ["lam"]})
     if not 0 <= args.ema_alpha < 1:  # 1 would never move from 0 (and divide by 1 - 1^t = 0)
         raise SystemExit(f"error: --ema-alpha must be in [0, 1) (got {args.ema_alpha})")
     if args.k_min > args.k_max:
         raise SystemExit(f"error: --k-min must be <= --k-max (got {args.k_min} > {args.k_max})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --track needs wandb: pip install wandb") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
-    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
-        args = Args(**{**saved_args(args.resume), "resume": args.resume})
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, the run's bookkeeping.
+    args = resume_args(Args, args)
     check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device() if args.device == "auto" else args.device
-    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
-        else contextlib.nullcontext
-
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
@@ -658,69 +578,15 @@ def main(args: Args) -> None:
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                    weight_decay=args.weight_decay)
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
-    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
-                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed, max_model_len=args.vllm_max_model_len,
-                               enforce_eager=args.vllm_enforce_eager)
+    generator = make_run_generator(args, policy, tokenizer)
 
-    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
-    # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators): Hista's values come
-    # from the step's own rollouts. The prompts of a step (dynamic sampling's too) are a function of the step alone
-    # and its rollouts are seeded by it, so a resumed run draws and samples what a run that never stopped would.
-    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
-        state = load_checkpoint(checkpoint)
-        policy.load_state_dict(state["models"]["policy"])
-        policy_opt.load_state_dict(state["optimizers"]["policy"])
-        policy_sched.load_state_dict(state["schedulers"]["policy"])
-        generator.sync_weights(policy)
-        os.truncate(metrics_path, state["metrics_bytes"])
-        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
-        tqdm.write(f"resuming {run_dir} after step {state['step']}")
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
-    if not args.resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if args.track:
-        import wandb
+    # The run folder, metrics, checkpoints (with --resume: everything below restored from the newest one).
+    # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators): the prompts of a
+    # step are a function of the step alone and its rollouts are seeded by it.
+    run = Run(args, "hista.py", models={"policy": policy}, optimizers={"policy": policy_opt},
+              schedulers={"policy": policy_sched}, generator=generator, tokenizer=tokenizer, eval_problems=eval_problems)
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
-                   resume="allow" if args.resume else None)
-    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time() - elapsed
-    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-
-    def run_eval(step: int) -> float:
-        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
-        writer.add_scalar("charts/eval_accuracy", acc, step)
-        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
-        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
-        return acc
-
-    if not args.resume:
-        eval_acc = run_eval(0)
-        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    else:
-        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
-    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
-    for step in progress:
+    for step in run.steps():
         t_step = time.time()
 
         # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each (with dynamic
@@ -773,32 +639,8 @@ def main(args: Args) -> None:
             advantages = per_sample[:, None] * mask  # (B, T)
             hista_stats = {}
         else:
-            scale = group_scale(std)  # (num_prompts,)
-            advantages = torch.zeros_like(mask)  # (B, T)
-            kth_distances, states_per_response = [], []
-            for p in range(args.num_prompts):
-                #   a-c. kNN values of every state of every rollout of this prompt (state 0: the group mean),
-                #        from the hidden states of the prompt and each response, on the model's device
-                group = range(p * G, (p + 1) * G)
-                values, kth = hista_group_values(
-                    [hidden[b] for b in group], len(prompts[p]), scores[p * G : (p + 1) * G].tolist(),
-                    args.interval, args.ema_alpha, args.window, args.k_max, args.k_min, args.d_min)
-                kth_distances += kth
-                #   d. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std (or
-                #      1 where the group's rewards are all equal, see group_scale)
-                for b, row in zip(group, values):
-                    seg_adv = segment_advantages(row, float(scores[b]), args.lam)
-                    segment = torch.arange(int(lengths[b])) // args.interval  # (T_b,) segment of each token
-                    advantages[b, : int(lengths[b])] = torch.tensor(seg_adv)[segment] * scale[p]
-                    states_per_response.append(len(row) + 1)  # + the terminal state
-            windows = math.ceil(max(map(len, prompts)) / args.window) + math.ceil(int(lengths.max()) / args.window)
-            hista_stats = {
-                "hista/states_per_response": np.mean(states_per_response),
-                "hista/kth_neighbour_distance": np.mean(kth_distances) if kth_distances else float("nan"),
-                # the float32 tensors the estimate holds at its peak: the batch's hidden states, and one prompt's
-                # (G, G, L, L) distance tensor with its cumulative min (values and int64 indices) / sum companions
-                "hista/memory_mb": (sum(h.numel() for h in hidden) + 8 * G**2 * windows**2) * 4 / 2**20,
-            }
+            advantages, hista_stats = hista_advantages(hidden, [len(p) for p in prompts], scores, lengths,
+                                                       group_scale(std), G, args)
             del hidden
         t_hista = time.time() - t0
 
@@ -858,41 +700,12 @@ def main(args: Args) -> None:
         }
         if args.dynamic_sampling_scale > 1:
             logs["charts/kept_reward_mean"] = scores.mean()
-        for k, v in logs.items():
-            writer.add_scalar(k, float(v), step)
-        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
-                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
-        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
-            eval_acc = run_eval(step)
-            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
-        if stop["requested"] or (args.save_every and step % args.save_every == 0):
-            history.flush()
-            save_checkpoint(run_dir, step, {
-                "models": {"policy": policy.state_dict()},
-                "optimizers": {"policy": policy_opt.state_dict()},
-                "schedulers": {"policy": policy_sched.state_dict()},
-                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
-                "eval_acc": eval_acc}, keep=args.keep_checkpoints)
-        if stop["requested"]:
-            tqdm.write(f"stopped after step {step}; continue with: python hista.py --resume {run_dir}")
-            history.close()
-            writer.close()
-            return
-        if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+        run.log(step, logs)
+        if run.end_step(step):
             break
 
-    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
-    if args.save_model:
-        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.move(tmp, final)
-        tqdm.write(f"saved the final policy to {final}")
-    history.close()
-    writer.close()
+    # 3. Save the final policy.
+    run.finish(policy, tokenizer)
 
 
 if __name__ == "__main__":

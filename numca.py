@@ -1,61 +1,24 @@
-"""Numca (Chen et al., "Hista and Numca", arXiv 2605.29782): state values from the numbers a response has
-written so far, on a GRPO/DAPO base. No critic, no extra model pass.
+"""Numca (Chen et al., "Hista and Numca", arXiv 2605.29782; official code VOXXXX1874/Hista), on a GRPO/DAPO base.
 
-The state of a math response is the SET of distinct numbers it has written so far. For each prompt, a
-table kept for the whole run (and in its checkpoints: a resumed run reads the same values) maps state ->
-(count, reward sum) over every rollout that passed through it, so V(state) is the mean final reward of
-those rollouts (V(empty set) is the prompt's running pass rate). A response is cut into segments where a
-new number appears ("milestones"); each token of segment j gets R - V(state_j) (the lambda = 1 case of a
-GAE-style pass over segments), divided by the group's reward std + 1e-4. The loss is DAPO's: clip-higher
-(0.2 / 0.28), token-level mean, no KL.
-`--no-numca` gives plain GRPO/DAPO from the same file: every token gets (R - group mean) / (std + 1e-4).
+The state of a response is the SET of distinct numbers it has written so far. Per prompt, a table kept for the
+whole run (and in checkpoints) maps state -> (count, reward sum) over every rollout that passed through it, so
+V(state) is their mean final reward. A response is cut into segments where a new number appears; each token of
+segment j gets R - V(state_j) (lambda = 1), divided by the group's reward std + 1e-4. The loss is DAPO's
+(clip 0.2 / 0.28, token-level mean, no KL). --no-numca gives plain GRPO/DAPO from the same file. No critic, no
+extra model pass.
 
-Choices and departures (shared/docs/ALGORITHMS.md sections 4 and 5; official code VOXXXX1874/Hista):
-- As in the official code (Numca_dict.update), the table counts every state a response passes through,
-  unmerged: the empty set, then the set of distinct numbers after each new number. Merging close
-  milestones (below) only decides which of those states a response READS. The table is updated with the
-  whole batch BEFORE advantages are read, so a rollout's own reward is part of every value it is scored
-  against (a state only it reached has V = R, hence advantage 0 from there on).
-- Milestones in TOKENS, as in the official training code: a milestone is where a new number starts; the
-  token after the one that holds its first character opens the new segment (the official offset mapping's
-  token index + 1), so the token holding the number is still scored against the previous state.
-  Milestones closer than `--min-gap-tokens` tokens merge into the later one, with the later state. The
-  final number (the answer) is not a milestone. Token boundaries come from decoding the sampled tokens
-  (token_char_ends); the official code re-tokenizes the text with offsets, which agrees unless the
-  re-tokenization differs from the sampled tokens. The SVEB read-out (sveb_eval.py) merges in characters,
-  as the official SVEB script does (number_milestones).
-- `--min-gap-tokens 20` (the official code: 50, for responses of thousands of tokens). Measured on 64
-  rollouts of the default model (8 arithmetic prompts x 8, T = 0.6: 56 tokens, 2.5 characters per token
-  and 3.1 distinct numbers before the answer per response): 50 tokens leaves 1.3 milestones per response,
-  most responses read one state besides the empty set; 20 tokens, the span of the 50 characters this file
-  merged at before, leaves 1.8; 0 leaves 3.1.
-- Numbers are digit runs with their decimals and thousands separators ("1,234.5" is one number,
-  written "1234.5"); the official code takes bare digit runs (`[0-9]+`), which splits "3.5" in two.
-- A group whose rewards are all equal (std 0) keeps its advantages R - V undivided (group_scale). The
-  official code divides them by std + 1e-4 like any other group: harmless the first time a prompt is seen
-  (every state then has V = R, so R - V = 0), but the table lives for the run, and a prompt seen again
-  got (R - V) / 1e-4, e.g. -1,000 on every token for R - V = -0.1. Undivided they stay within [-1, 1], the
-  scale of a normalised advantage.
-- `--dynamic-sampling-scale 2` draws twice the prompts and keeps the half whose pass rate is nearest 0.5,
-  as both official recipes do (for the GRPO baseline too). Off by default: it doubles the generation, the
-  largest part of a CPU step.
-- Optimizer as the official recipes: TRL's AdamW defaults (eps 1e-8, no weight decay) and a constant
-  learning rate without warm-up (flags: --adam-eps, --weight-decay, --warmup-ratio, --lr-decay).
-- KL and ratio safety: with --kl-coef > 0 (DAPO has none) the per-token k3 is clamped to [0, 10];
-  log-ratios are masked before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped
-  and counted (losses/skipped), a guard of this repository's shared template (VinePPO's code; TRL has none).
-- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes and
-  every epoch of the update run exactly those micro-batches (epochs shuffle their order), so at unchanged
-  weights the update's log-probs equal the old ones bit for bit and clipfrac / approx_kl / kl_ref_k3
-  measure only the update. The price: the no-grad passes use the update's micro-batch size.
-- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
-  autograd); gradient checkpointing on CUDA by default; a reference model only with --kl-coef > 0, in
-  bfloat16 on CUDA (float32 on the CPU, so that it reproduces the policy's log-probs exactly at step 0).
-- Defaults sized for the offline CPU run: 4 prompts x 8 samples, lr 1e-5, one pass of 4 minibatches
-  (the recipe's "4 PPO iterations"), T = 0.6 (the recipe: lr 1e-6, T = 0.7 on Qwen2.5-Math-1.5B).
-  The default task stays `arithmetic`: its responses restate the operands and write intermediate and
-  final results, several distinct numbers each, and the model solves 27% of them sampling; 3-term sums,
-  which would write more numbers, are solved 2-9% of the time (measured), too little reward to learn.
+Departures from the official code (docs/numca.md gives the reasons):
+- token boundaries come from decoding the sampled tokens (token_char_ends), not from re-tokenising the text
+- --min-gap-tokens 20 (official: 50): the CPU default's responses are ~56 tokens long
+- numbers keep decimals and thousands separators ("1,234.5" is one number); official: bare digit runs
+- a group whose rewards are all equal keeps R - V undivided (group_scale); official: divided by std + 1e-4
+- dynamic sampling is off by default (--dynamic-sampling-scale 2 is the official recipes')
+- CPU-sized defaults: 4 prompts x 8, lr 1e-5, T 0.6, 4 optimizer steps on quarters of the batch
+- a micro-batch whose mean ratio exceeds --max-ratio is skipped (losses/skipped); TRL has no such guard
+- no sampler/learner importance-sampling correction (TRL 0.29 applies one by default with vLLM)
+- DAPO loss only (the official recipes also train with CISPO)
+
+Docs: docs/numca.md
 
 Run:  python numca.py                                                        # CPU, offline, default
       python numca.py --no-numca                                             # the GRPO/DAPO baseline
@@ -65,34 +28,24 @@ Run:  python numca.py                                                        # C
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import math
-import os
-import random
 import re
-import shutil
-import signal
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from common.args import check_ranges
-from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
-from common.generation import make_generator
 from common.grading import grade
-from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
-                           resolve_model_path)
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
+from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
 
 
 @dataclass
@@ -393,6 +346,43 @@ def token_segments(num_tokens: int, milestone_positions: list[int]) -> list[int]
     return [bisect.bisect_right(milestone_positions, t) for t in range(num_tokens)]
 
 
+def numca_advantages(table: NumcaTable, tokenizer, ids: list[str], completions, scores: torch.Tensor,
+                     scale: torch.Tensor, G: int, min_gap_tokens: int, lam: float):
+    """Numca's token advantages for a batch of B = len(ids) responses, prompt-major in groups of G (ids[b]: the
+    prompt of response b; completions[b]: its text and token ids; scores (B,): its reward; scale: one factor per
+    group). Puts the batch into the run-long table, then returns ((B, T) advantages, statistics)."""
+    #   a. the numbers of every response (but the final answer) and the character where each starts
+    numbers = [parse_numbers(c.text) for c in completions]
+    #   b. the milestones each response reads, in tokens: the token after the one that holds a new number's
+    #      first character opens a segment; milestones closer than min_gap_tokens merge into the later one,
+    #      with the later state
+    milestones = []  # per response: (token that opens the segment, state)
+    for c, nums in zip(completions, numbers):
+        positions = milestone_tokens(token_char_ends(tokenizer, c.token_ids), [pos for pos, _ in nums])
+        milestones.append(merge_milestones(positions, [n for _, n in nums], min_gap_tokens))
+    paths = [[frozenset()] + [state for _, state in ms] for ms in milestones]  # states read, per response
+    seen_before = [[table.count(i, state) > 0 for state in path] for i, path in zip(ids, paths)]
+    #   c. the whole batch goes into the run-long table first (as in the official code), each response with
+    #      every distinct-number prefix set it passed through, unmerged
+    for i, c, reward in zip(ids, completions, scores.tolist()):
+        table.update(i, number_states(c.text), reward)
+    #   d. token advantages R - V(state of its segment) (lambda = 1), times the group's scale
+    advantages = torch.zeros(len(completions), max(len(c.token_ids) for c in completions))  # (B, T)
+    seen_tokens = 0
+    for b, (c, ms, path) in enumerate(zip(completions, milestones, paths)):
+        values = [table.value(ids[b], state) for state in path]
+        seg_adv = segment_advantages(values, float(scores[b]), lam)
+        segment = token_segments(len(c.token_ids), [pos for pos, _ in ms])  # (T_b,) segment of each token
+        advantages[b, : len(segment)] = torch.tensor(seg_adv)[segment] * scale[b // G]
+        seen_tokens += sum(seen_before[b][j] for j in segment)
+    return advantages, {
+        "numca/milestones_per_response": np.mean([len(ms) for ms in milestones]),
+        "numca/distinct_states_per_prompt": np.mean([len(table.tables[i]) for i in ids[::G]]),
+        "numca/table_size": table.size,
+        "numca/seen_state_token_frac": seen_tokens / float(sum(len(c.token_ids) for c in completions)),
+    }
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
     to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
@@ -516,71 +506,24 @@ def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation and logging helpers.
+# The checks of the arguments.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
-    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
-    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
-    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
-    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
-
-
-def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
-    rows = ["| question | response | reward |", "|---|---|---|"]
-    for q, r, s in samples:
-        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
-    return "\n".join(rows)
-
-
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
-    check_ranges(args, {
-        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
-                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len",
-                 "max_table_states", "dynamic_sampling_scale"],
-        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every", "min_gap_tokens"],
-        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps_low", "clip_eps_high",
-                "max_ratio"],
-        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
-        "in [0, 1]": ["warmup_ratio", "lam"],
-    })
-    args.batch_size = args.num_prompts * args.samples_per_prompt
-    if args.batch_size % args.minibatch_size:
-        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
-                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
-    if args.minibatch_size % args.micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
-                         f"--minibatch-size {args.minibatch_size}")
-    if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+    check_shared_args(args)
+    check_ranges(args, {">= 1": ["max_table_states", "dynamic_sampling_scale"],
+                        ">= 0": ["kl_coef", "min_gap_tokens"],
+                        "> 0": ["clip_eps_low", "clip_eps_high", "max_ratio"], "in [0, 1]": ["lam"]})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
-    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
-        args = Args(**{**saved_args(args.resume), "resume": args.resume})
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, the run's bookkeeping.
+    args = resume_args(Args, args)
     check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device() if args.device == "auto" else args.device
-    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
-        else contextlib.nullcontext
-
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
@@ -606,70 +549,16 @@ def main(args: Args) -> None:
                                    weight_decay=args.weight_decay)
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
     table = NumcaTable(args.max_table_states)
-    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
-                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed, max_model_len=args.vllm_max_model_len,
-                               enforce_eager=args.vllm_enforce_eager)
+    generator = make_run_generator(args, policy, tokenizer)
 
-    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run folder, metrics, checkpoints (with --resume: everything below restored from the newest one).
     # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators) plus Numca's table.
     # The prompts of a step (dynamic sampling's too) are a function of the step alone and its rollouts are
     # seeded by it, so a resumed run draws and samples what a run that never stopped would.
-    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
-        state = load_checkpoint(checkpoint)
-        policy.load_state_dict(state["models"]["policy"])
-        policy_opt.load_state_dict(state["optimizers"]["policy"])
-        policy_sched.load_state_dict(state["schedulers"]["policy"])
-        table.load_state_dict(state["numca_table"])
-        generator.sync_weights(policy)
-        os.truncate(metrics_path, state["metrics_bytes"])
-        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
-        tqdm.write(f"resuming {run_dir} after step {state['step']}")
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
-    if not args.resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if args.track:
-        import wandb
+    run = Run(args, "numca.py", models={"policy": policy}, optimizers={"policy": policy_opt},
+              schedulers={"policy": policy_sched}, state={"numca_table": table}, generator=generator, tokenizer=tokenizer, eval_problems=eval_problems)
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
-                   resume="allow" if args.resume else None)
-    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time() - elapsed
-    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-
-    def run_eval(step: int) -> float:
-        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
-        writer.add_scalar("charts/eval_accuracy", acc, step)
-        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
-        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
-        return acc
-
-    if not args.resume:
-        eval_acc = run_eval(0)
-        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    else:
-        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
-    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
-    for step in progress:
+    for step in run.steps():
         t_step = time.time()
 
         # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each (with dynamic
@@ -719,39 +608,9 @@ def main(args: Args) -> None:
             advantages = per_sample[:, None] * mask  # (B, T)
             numca_stats = {}
         else:
-            #   a. the numbers of every response (but the final answer) and the character where each starts
             ids = [p.question for p in problems for _ in range(G)]  # prompt id per sample
-            numbers = [parse_numbers(c.text) for c in completions]
-            #   b. the milestones each response reads, in tokens: the token after the one that holds a new
-            #      number's first character opens a segment; milestones closer than --min-gap-tokens merge
-            #      into the later one, with the later state
-            milestones = []  # per response: (token that opens the segment, state)
-            for c, nums in zip(completions, numbers):
-                positions = milestone_tokens(token_char_ends(tokenizer, c.token_ids), [pos for pos, _ in nums])
-                milestones.append(merge_milestones(positions, [n for _, n in nums], args.min_gap_tokens))
-            paths = [[frozenset()] + [state for _, state in ms] for ms in milestones]  # states read, per response
-            seen_before = [[table.count(i, state) > 0 for state in path] for i, path in zip(ids, paths)]
-            #   c. the whole batch goes into the run-long table first (as in the official code), each response
-            #      with every distinct-number prefix set it passed through, unmerged
-            for i, c, reward in zip(ids, completions, scores.tolist()):
-                table.update(i, number_states(c.text), reward)
-            #   d. token advantages R - V(state of its segment) (lambda = 1), over the group's reward std (or
-            #      1 where the group's rewards are all equal, see group_scale)
-            scale = group_scale(std)  # (num_prompts,)
-            advantages = torch.zeros_like(mask)  # (B, T)
-            seen_tokens = 0
-            for b, (c, ms, path) in enumerate(zip(completions, milestones, paths)):
-                values = [table.value(ids[b], state) for state in path]
-                seg_adv = segment_advantages(values, float(scores[b]), args.lam)
-                segment = token_segments(len(c.token_ids), [pos for pos, _ in ms])  # (T_b,) segment of each token
-                advantages[b, : len(segment)] = torch.tensor(seg_adv)[segment] * scale[b // G]
-                seen_tokens += sum(seen_before[b][j] for j in segment)
-            numca_stats = {
-                "numca/milestones_per_response": np.mean([len(ms) for ms in milestones]),
-                "numca/distinct_states_per_prompt": np.mean([len(table.tables[p.question]) for p in problems]),
-                "numca/table_size": table.size,
-                "numca/seen_state_token_frac": seen_tokens / float(mask.sum()),
-            }
+            advantages, numca_stats = numca_advantages(table, tokenizer, ids, completions, scores, group_scale(std),
+                                                       G, args.min_gap_tokens, args.lam)
         t_numca = time.time() - t0
 
         # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
@@ -810,41 +669,12 @@ def main(args: Args) -> None:
         }
         if args.dynamic_sampling_scale > 1:
             logs["charts/kept_reward_mean"] = scores.mean()
-        for k, v in logs.items():
-            writer.add_scalar(k, float(v), step)
-        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
-                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
-        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
-            eval_acc = run_eval(step)
-            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        progress.set_postfix(reward=f"{drawn_scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
-        if stop["requested"] or (args.save_every and step % args.save_every == 0):
-            history.flush()
-            save_checkpoint(run_dir, step, {
-                "models": {"policy": policy.state_dict()},
-                "optimizers": {"policy": policy_opt.state_dict()},
-                "schedulers": {"policy": policy_sched.state_dict()},
-                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
-                "eval_acc": eval_acc, "numca_table": table.state_dict()}, keep=args.keep_checkpoints)
-        if stop["requested"]:
-            tqdm.write(f"stopped after step {step}; continue with: python numca.py --resume {run_dir}")
-            history.close()
-            writer.close()
-            return
-        if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+        run.log(step, logs)
+        if run.end_step(step):
             break
 
-    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
-    if args.save_model:
-        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.move(tmp, final)
-        tqdm.write(f"saved the final policy to {final}")
-    history.close()
-    writer.close()
+    # 3. Save the final policy.
+    run.finish(policy, tokenizer)
 
 
 if __name__ == "__main__":

@@ -1,110 +1,37 @@
-"""PRIME (Cui et al. 2025, arXiv 2502.01456): dense token rewards from an implicit process reward model (PRM)
-trained online from outcome labels only. No critic.
+"""PRIME (Cui et al. 2025, arXiv 2502.01456): dense rewards from an implicit PRM trained online on outcomes.
 
-Three models start from the same weights: the policy, the implicit PRM (a causal LM that is trained) and
-a frozen reference. The PRM's token reward is r_t = beta * (log pi_prm(y_t | y_<t) - log pi_ref(y_t | y_<t)),
-exactly 0 at the start. Each step, the PRM is trained with a cross-entropy loss that makes
-sigmoid(beta * sum_t of that log-ratio) predict the outcome (correct / wrong), so the sum of the token
-rewards learns to be a log-odds of success and each token's share of it a process reward. The policy's
-advantage is RLOO over K samples per prompt, in two parts, outcome and process (below). PPO clipped loss,
-no KL. Prompts whose K samples are all right or all wrong teach nothing: an online filter keeps prompts
-with 20% to 80% right and draws more until the batch is full.
+Three models start from the same weights: the policy, the implicit PRM (a causal LM that trains) and a frozen
+reference. The token reward r_t = beta * (log pi_prm - log pi_ref) is 0 at the start; each step the PRM takes
+a cross-entropy update that makes sigmoid(beta * sum_t log-ratio) predict the outcome. The policy's advantage
+is RLOO over K samples per prompt, in a process and an outcome part, through the official pipeline by default
+(batch-normalised process rewards, leave-one-out, returns, whitening; --no-official-normalisation gives Eq. 5
+as the paper writes it). PPO clipped loss, no KL. An online filter keeps prompts with 20-80% of their samples
+right and draws more until the batch is full. --process-reward-coef 0 is the paper's RLOO baseline.
+Official code: PRIME-RL/PRIME (training/, examples/run_prime_main.sh); the verl recipe recipe/prime.
 
-Advantages: the official pipeline by default (`official_prime_advantages`, as PRIME-RL/PRIME's
-`compute_rloo_returns` and the verl recipe's `compute_rloo_advantage_return` run it). This pipeline, not
-the paper's Eq. 5 alone, produced the paper's numbers:
-  1. the raw token rewards are divided by (the batch's largest |reverse cumulative sum| + 1e-6);
-  2. leave-one-out in the form r * K/(K-1) - sum_j mean_j / (K-1), on the process rewards (mean_j: response
-     j's mean token reward) and on the outcome reward (on the last token);
-  3. both weighed by 5 and summed, returns = reverse cumulative sum, whitened over the batch's response
-     tokens (unbiased variance, eps 1e-8).
-`--no-official-normalisation` gives Eq. 5 as the paper writes it: outcome R_i - mean_{j != i} R_j on every
-token plus process returns sum_{s >= t} (r_s - mean_{j != i} mean_j), neither normalised nor whitened.
-The two leave-one-out forms differ per token: r_t K/(K-1) - sum_j mean_j/(K-1) = (r_t - mean_{j != i} mean_j)
-+ (r_t - mean_i)/(K-1); the extra term sums to 0 over a response, so the return at its first token is the
-same, the returns at later tokens are not. The official pipeline is the default because it is what the paper
-trained with, and because at this scale the two differ in kind, not in detail. Measured on the default model
-(real rollouts, steps 1 and 2 of `--num-prompts 4 --minibatch-size 8 --micro-batch-size 4 --max-new-tokens
-96`, both pipelines read on the same batches): the std of the process part over the response tokens is 0.45
-and 0.36 of the outcome part's with the official pipeline, 0.09 and 0.07 with Eq. 5. The batch normalisation
-gives the process rewards a fixed size whatever the PRM has learned, while Eq. 5's are beta times the PRM's
-log-ratio, still about 1e-3 per token here, so that Eq. 5 trains nearly plain RLOO. Both are logged every
-step (`prime/std_ratio_official`, `prime/std_ratio_eq5`); which one trains better here is for a long run.
-The paper's baseline is `--process-reward-coef 0`: the official pipeline's outcome RLOO, whitened (its RLOO
-runs went through the same returns function, which always whitens), with no PRM and no reference loaded.
-(`--process-reward-coef 0 --no-official-normalisation` is the unwhitened R_i - mean_{j != i} R_j instead.)
+Departures from the official code (docs/prime_implicit_prm.md gives the reasons):
+- Defaults sized for the offline CPU run (8 prompts x 4, lr 1e-5 for both models, T = 0.6, 128 tokens).
+- Two epochs x two minibatches per step (official: one epoch).
+- The fill loop stops after --max-prompt-draws draws; a step where no prompt passed skips the update.
+- The PRM's accuracy after its update is measured every step (one more PRM forward).
+- KL and ratio safety as VinePPO's code: k3 clamped to [0, 10]; a micro-batch with mean ratio > 10 skipped.
+- One micro-batch partition per step, shared by every pass and epoch (batch invariance).
+- Logits only at response positions, float32 log-softmax in chunks; the reference stays float32 on the CPU.
+- Float32 weights under bf16 autocast; sampling from a bf16 copy of the policy (hf) or vLLM.
+- Loss is the token mean over the minibatch (official: the mean of micro-batch token means).
 
-Choices and departures (shared/docs/ALGORITHMS.md section 3):
-- The PRM and the reference's log-probs for the implicit reward come from raw logits (T = 1), as the
-  official code reads them; the policy's ratio and its KL to the reference use the sampling temperature.
-  One forward of the reference gives both (`reference_logprobs`): the second temperature costs one more
-  float32 log-softmax over the vocabulary per chunk, not a second pass (measured on the CPU, default model,
-  8 x (40 + 100) tokens: 0.19 CPU-s on top of the pass's 2.9, +7%, against +100% for a second pass).
-- The PRM update is the official script's "single forward" (PRIME-RL/PRIME `update=after`): one pass over
-  the step's minibatches; each minibatch's token rewards come from the same forward as its CE loss, before
-  its own optimizer step (with two minibatches, the second one's rewards come from a PRM already stepped
-  once on the first). `--prm-update-first` is the double forward (the verl recipe's `update=before`): the
-  rewards are re-read after the update. `prime/prm_loss` is therefore a held-out loss: each minibatch's loss
-  before the step that trains on it. `prime/prm_acc_before` / `prime/prm_acc_after` are the official
-  `dpo_acc_before` / `dpo_acc_after` (pairwise ranking accuracy within each prompt's K responses); the
-  "after" one needs a no-grad PRM pass after the update (one PRM forward per step, which the double
-  forward then reuses as its rewards).
-- Optimizers as the official code (PRIME-RL/PRIME training/examples/run_prime_main.sh with
-  verl/trainer/config/ppo_trainer.yaml and verl/workers/fsdp_workers.py; the verl recipe recipe/prime,
-  run_prime_qwen.sh + prime_trainer.yaml, sets the same): AdamW with betas (0.9, 0.999) and eps 1e-8 for
-  both. Policy: weight decay 0.01 (the code's default, the config sets none), constant learning rate with
-  no warm-up (lr_warmup_steps_ratio 0), gradient clipping 1.0. PRM: weight decay 0, constant learning rate,
-  no warm-up, gradient clipping 10 (`--prm-weight-decay`, `--prm-max-grad-norm`). Flags: --adam-eps,
-  --weight-decay, --warmup-ratio, --lr-decay (shared by both models, each with its own scheduler).
-- Schedule: the policy takes 2 epochs x 2 minibatches per step here (4 optimizer steps on each expensive
-  CPU batch). The official runs take one epoch: the verl recipe in one minibatch (64 prompts x 4), the
-  paper's own script (PRIME-RL/PRIME) in 4 minibatches of 256 responses out of 1,024 (ppo_mini_batch_size
-  counts responses in that verl version). The PRM takes one pass in the policy's minibatches, as both
-  official codes do.
-- The batch is filled as the official trainer fills it (ray_trainer.fit): generate, filter, repeat until
-  num_prompts prompts passed, keep the surplus for the next step. Like the official `add_to_buffer`, the
-  surplus is kept as prompts only (re-sampled next step by the updated policy, so the batch stays
-  on-policy). The draws are capped (`--max-prompt-draws`); a step that hits the cap trains on what passed
-  and says so; `prime/batch_fill` logs the share of the batch filled. A step where no prompt passed skips
-  the update but still evaluates and writes its checkpoint when due. The surplus and the position in the
-  training data (not a function of the step: a step draws as many prompts as its filter needs) are
-  run-long state, kept in the checkpoints with the weights, so a resumed run draws what an unbroken one would.
-- KL coefficient 0 as the paper; the k1 and k3 KL to the reference are still logged (the reference is
-  there for the PRM anyway). Defaults sized for the offline CPU run as in ppo.py (8 prompts x K = 4, lr 1e-5
-  for policy and PRM, T = 0.6, 128 new tokens); the paper: 256 prompts x 4, policy lr 5e-7, PRM lr 1e-6,
-  T = 1.0. `--ref-on-cpu` keeps the frozen reference on the CPU when GPU memory is short.
-- KL and ratio safety as VinePPO's code (as ppo.py): per-token k3 clamped to [0, 10]; log-ratios masked
-  before any exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped and counted
-  (losses/skipped).
-- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes, the PRM's
-  update and its no-grad pass, and every epoch of the policy's update run exactly those micro-batches
-  (epochs shuffle their order), so at unchanged weights the update's log-probs equal the old ones bit for
-  bit and clipfrac / approx_kl / kl_ref_k3 measure only the update. The price: the no-grad passes use the
-  update's micro-batch size.
-- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
-  autograd); the PRM trains before the policy, and the policy's graph is freed by its backward before the
-  next micro-batch; gradient checkpointing on CUDA by default; the frozen reference in bfloat16 on CUDA (on
-  the CPU it stays float32 so that it reproduces the policy's log-probs exactly at step 0).
-- The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
-  sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
-
-Run:  python prime_implicit_prm.py                                         # CPU, offline, default
-      python prime_implicit_prm.py --process-reward-coef 0                 # the RLOO baseline
-      python prime_implicit_prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset math --backend vllm   # one GPU
+Docs: docs/prime_implicit_prm.md
+Run:  python prime_implicit_prm.py                                    # CPU, offline, default
+      python prime_implicit_prm.py --process-reward-coef 0            # the RLOO baseline
+      python prime_implicit_prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm # one GPU
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import random
-import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -112,16 +39,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.args import check_ranges
-from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, Problem, load_problems, prompt_ids
-from common.generation import make_generator
 from common.grading import grade
-from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
-                           resolve_model_path)
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
+from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
 
 
 @dataclass
@@ -398,6 +322,29 @@ def fill_batch(surplus: list, draw_prompts, sample_and_grade, accept, num_prompt
     return kept[:num_prompts], [prompt for prompt, _, _ in kept[num_prompts:]], draws, drawn
 
 
+class PromptFeed:
+    """The fill loop's run-long state, saved in every checkpoint: the position of the next training problem
+    (drawn in order, round and round) and the surplus, the prompts that passed the filter beyond a full batch,
+    which the next step samples first. How many prompts a step draws depends on its rollouts, so that position
+    is not a function of the step."""
+
+    def __init__(self, problems: list[Problem], num_prompts: int):
+        self.problems, self.num_prompts, self.next_problem, self.surplus = problems, num_prompts, 0, []
+
+    def draw(self) -> list[Problem]:
+        """The next num_prompts training problems."""
+        drawn = [self.problems[(self.next_problem + i) % len(self.problems)] for i in range(self.num_prompts)]
+        self.next_problem = (self.next_problem + self.num_prompts) % len(self.problems)
+        return drawn
+
+    def state_dict(self) -> dict:
+        return {"next_problem": self.next_problem, "surplus": [(p.question, p.answer) for p in self.surplus]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_problem = state["next_problem"]
+        self.surplus = [Problem(question, answer) for question, answer in state["surplus"]]
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, max_kl: float = 10.0) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), clamped
     to [0, max_kl] as VinePPO's code does, and 0 outside the mask. The log-ratio is masked BEFORE the exp:
@@ -537,76 +484,74 @@ def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     return out
 
 
+def update_prm(prm, prm_opt, prm_sched, batch: Batch, micro_batches, accumulation: int, ref_raw: torch.Tensor,
+               scores: torch.Tensor, K: int, args, autocast):
+    """PRIME's PRM step on one batch: (a) one pass of its cross-entropy update on the outcome labels `scores`
+    (B,), over the step's micro-batches grouped `accumulation` to a minibatch; single forward: each micro-batch's
+    token rewards come from the forward of its loss (log-probs at T = 1), before its minibatch's optimizer step;
+    (b) the PRM after its update on the same micro-batches: its accuracy, and the double forward's rewards
+    (--prm-update-first). `ref_raw` (B, T): the reference's log-probs at T = 1. Returns ((B, T) token rewards,
+    statistics)."""
+    mask = batch.response_mask
+    token_rewards = torch.zeros_like(mask)  # (B, T)
+    prm.train()
+    prm_losses = []
+    prm_lr = prm_sched.get_last_lr()[0]  # the learning rate of this step's first PRM step
+    for group in torch.randperm(len(micro_batches)).split(accumulation):
+        rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
+        for micro in (micro_batches[i] for i in group):
+            sub = batch.rows(micro)
+            m = sub.response_mask
+            with autocast():
+                prm_logprobs = response_logprobs(prm, sub, 1.0)  # (b, t)
+                loss = prm_ce_loss(prm_logprobs, ref_raw[micro, : m.shape[1]], m, scores[micro], args.beta)
+            (loss * len(micro) / rows_in_minibatch).backward()  # the minibatch's mean over samples
+            token_rewards[micro, : m.shape[1]] = implicit_process_rewards(
+                prm_logprobs.detach(), ref_raw[micro, : m.shape[1]], m, args.beta)
+            prm_losses.append(float(loss.detach()))
+        torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
+        prm_opt.step()
+        prm_sched.step()
+        prm_opt.zero_grad(set_to_none=True)
+    with torch.no_grad(), autocast():
+        prm.eval()
+        prm_after = in_micro_batches(lambda b: response_logprobs(prm, b, 1.0), batch, micro_batches) * mask
+    rewards_after = implicit_process_rewards(prm_after, ref_raw, mask, args.beta)  # (B, T)
+    stats = {
+        "prime/prm_loss": np.mean(prm_losses),  # held out: each minibatch's loss before its own step
+        "prime/prm_acc_before": prm_pairwise_accuracy(token_rewards.sum(1), scores, K),
+        "prime/prm_acc_after": prm_pairwise_accuracy(rewards_after.sum(1), scores, K),
+        "prime/prm_learning_rate": prm_lr,
+    }
+    return (rewards_after if args.prm_update_first else token_rewards), stats
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation and logging helpers.
+# The checks of the arguments.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
-    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
-    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
-    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
-    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
-
-
-def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
-    rows = ["| question | response | reward |", "|---|---|---|"]
-    for q, r, s in samples:
-        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
-    return "\n".join(rows)
-
-
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
+    check_shared_args(args)
     check_ranges(args, {
-        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
-                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len", "max_prompt_draws"],
-        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every",
-                 "prm_learning_rate", "prm_weight_decay", "process_reward_coef"],
-        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps", "max_ratio", "beta",
-                "prm_max_grad_norm"],
-        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
-        "in [0, 1]": ["warmup_ratio", "filter_low", "filter_high"],
+        ">= 1": ["max_prompt_draws"],
+        ">= 0": ["kl_coef", "prm_learning_rate", "prm_weight_decay", "process_reward_coef"],
+        "> 0": ["clip_eps", "max_ratio", "beta", "prm_max_grad_norm"],
+        "in [0, 1]": ["filter_low", "filter_high"],
     })
-    args.batch_size = args.num_prompts * args.samples_per_prompt
-    if args.batch_size % args.minibatch_size:
-        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
-                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
-    if args.minibatch_size % args.micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
-                         f"--minibatch-size {args.minibatch_size}")
-    if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
     if args.samples_per_prompt < 2:
         raise SystemExit("error: RLOO needs --samples-per-prompt of at least 2 (a leave-one-out baseline)")
     if args.filter_low > args.filter_high:
         raise SystemExit(f"error: --filter-low {args.filter_low} must be <= --filter-high {args.filter_high}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --track needs wandb: pip install wandb") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
-    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
-        args = Args(**{**saved_args(args.resume), "resume": args.resume})
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, the run's bookkeeping.
+    args = resume_args(Args, args)
     check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device() if args.device == "auto" else args.device
-    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
-        else contextlib.nullcontext
-
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
@@ -643,109 +588,19 @@ def main(args: Args) -> None:
                                     weight_decay=args.prm_weight_decay)
         prm_sched = torch.optim.lr_scheduler.LambdaLR(prm_opt, lambda s: lr_multiplier(
             s, args.num_steps * minibatches, args.warmup_ratio, args.lr_decay))
-    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
-                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed, max_model_len=args.vllm_max_model_len,
-                               enforce_eager=args.vllm_enforce_eager)
+    generator = make_run_generator(args, policy, tokenizer)
 
-    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
-    # The run-long state is that of ppo.py (weights, optimizers, schedules, random generators) for the policy
-    # and the PRM, plus the fill loop's: the surplus prompts that passed the filter beyond a full batch, and
-    # the position of the next training problem. How many prompts a step draws depends on its rollouts, so
-    # that position is not a function of the step; the rollouts of each draw are seeded by the step and
-    # the draw, so a resumed run samples what a run that never stopped would.
-    models = {"policy": policy} | ({"prm": prm} if use_prm else {})
-    optimizers = {"policy": policy_opt} | ({"prm": prm_opt} if use_prm else {})
-    schedulers = {"policy": policy_sched} | ({"prm": prm_sched} if use_prm else {})
-    next_problem = 0  # run-long state: index of the next training problem to draw (in order, round and round)
-    surplus = []  # run-long state: prompts (Problem) that passed the filter beyond a full batch, for the next step
-    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
-        state = load_checkpoint(checkpoint)
-        for group, saved in ((models, "models"), (optimizers, "optimizers"), (schedulers, "schedulers")):
-            for key, obj in group.items():
-                obj.load_state_dict(state[saved][key])
-        next_problem = state["next_problem"]
-        surplus = [Problem(question, answer) for question, answer in state["surplus"]]
-        generator.sync_weights(policy)
-        os.truncate(metrics_path, state["metrics_bytes"])
-        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
-        tqdm.write(f"resuming {run_dir} after step {state['step']}")
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
-    if not args.resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if args.track:
-        import wandb
+    # The run folder, metrics, checkpoints (with --resume: everything below restored from the newest one). The
+    # run-long state is that of ppo.py (weights, optimizers, schedules, random generators) for the policy and the
+    # PRM, plus the fill loop's prompt feed; the rollouts of each draw are seeded by the step and the draw, so a
+    # resumed run samples what a run that never stopped would.
+    feed = PromptFeed(train_problems, args.num_prompts)
+    run = Run(args, "prime_implicit_prm.py", models={"policy": policy} | ({"prm": prm} if use_prm else {}),
+              optimizers={"policy": policy_opt} | ({"prm": prm_opt} if use_prm else {}),
+              schedulers={"policy": policy_sched} | ({"prm": prm_sched} if use_prm else {}), state={"feed": feed},
+              generator=generator, tokenizer=tokenizer, eval_problems=eval_problems)
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
-                   resume="allow" if args.resume else None)
-    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time() - elapsed
-    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-
-    def run_eval(step: int) -> float:
-        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
-        writer.add_scalar("charts/eval_accuracy", acc, step)
-        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
-        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
-        return acc
-
-    def new_prompts() -> list:
-        """The next num_prompts training problems, in order, round and round."""
-        nonlocal next_problem
-        drawn = [train_problems[(next_problem + i) % len(train_problems)] for i in range(args.num_prompts)]
-        next_problem = (next_problem + args.num_prompts) % len(train_problems)
-        return drawn
-
-    def end_of_step(step: int) -> bool:
-        """What ends every step, trained or skipped: evaluate and write a checkpoint when due. True: leave the
-        loop (Ctrl-C, after the checkpoint; or --max-minutes reached)."""
-        nonlocal eval_acc
-        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
-            eval_acc = run_eval(step)
-            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        if stop["requested"] or (args.save_every and step % args.save_every == 0):
-            history.flush()
-            save_checkpoint(run_dir, step, {
-                "models": {k: m.state_dict() for k, m in models.items()},
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
-                "eval_acc": eval_acc, "next_problem": next_problem,
-                "surplus": [(p.question, p.answer) for p in surplus]}, keep=args.keep_checkpoints)
-        if stop["requested"]:
-            tqdm.write(f"stopped after step {step}; continue with: python prime_implicit_prm.py --resume {run_dir}")
-            return True
-        if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
-        return out_of_time
-
-    if not args.resume:
-        eval_acc = run_eval(0)
-        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    else:
-        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
-    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
-    for step in progress:
+    for step in run.steps():
         t_step = time.time()
 
         # 2.1 Fill the batch as the official trainer does: draw prompts (the previous step's surplus first),
@@ -764,19 +619,19 @@ def main(args: Args) -> None:
 
         accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
             (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))
-        kept, surplus, draws, drawn = fill_batch(surplus, new_prompts, sample_and_grade, accept, args.num_prompts,
-                                                 args.max_prompt_draws)
+        kept, feed.surplus, draws, drawn = fill_batch(feed.surplus, feed.draw, sample_and_grade, accept,
+                                                      args.num_prompts, args.max_prompt_draws)
         t_gen = time.time() - t0
         fill_stats = {"prime/batch_fill": len(kept) / args.num_prompts, "prime/draws": draws,
-                      "prime/filter_acceptance": (len(kept) + len(surplus)) / drawn,
-                      "prime/surplus_prompts": len(surplus), "prime/draw_cap_hit": float(len(kept) < args.num_prompts)}
+                      "prime/filter_acceptance": (len(kept) + len(feed.surplus)) / drawn,
+                      "prime/surplus_prompts": len(feed.surplus), "prime/draw_cap_hit": float(len(kept) < args.num_prompts)}
         if len(kept) < args.num_prompts:
             tqdm.write(f"step {step}: draw cap hit (--max-prompt-draws {args.max_prompt_draws}): {len(kept)} of "
                        f"{args.num_prompts} prompts passed the filter among {drawn} drawn")
         if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
-            history.write(json.dumps({"step": step, "wall_s": time.time() - start_time, **fill_stats}) + "\n")
+            run.log(step, fill_stats)
             tqdm.write(f"step {step}: no prompt passed the filter; skipping the update")
-            if end_of_step(step):
+            if run.end_step(step):
                 break
             continue
 
@@ -813,41 +668,9 @@ def main(args: Args) -> None:
         prime_stats = {}
         token_rewards = torch.zeros_like(mask)  # (B, T) process rewards; stay 0 without a PRM
         if use_prm:
-            #   a. one pass of the PRM's CE update on this batch's outcome labels, over the step's micro-batches
-            #      grouped into minibatches. Single forward: each micro-batch's token rewards come from the
-            #      forward of its loss (log-probs at T = 1), before its minibatch's optimizer step.
-            prm.train()
-            prm_losses = []
-            prm_lr = prm_sched.get_last_lr()[0]  # the learning rate of this step's first PRM step
-            for group in torch.randperm(len(micro_batches)).split(accumulation):
-                rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
-                for micro in (micro_batches[i] for i in group):
-                    sub = batch.rows(micro)
-                    m = sub.response_mask
-                    with autocast():
-                        prm_logprobs = response_logprobs(prm, sub, 1.0)  # (b, t)
-                        loss = prm_ce_loss(prm_logprobs, ref_raw[micro, : m.shape[1]], m, scores[micro], args.beta)
-                    (loss * len(micro) / rows_in_minibatch).backward()  # the minibatch's mean over samples
-                    token_rewards[micro, : m.shape[1]] = implicit_process_rewards(
-                        prm_logprobs.detach(), ref_raw[micro, : m.shape[1]], m, args.beta)
-                    prm_losses.append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
-                prm_opt.step()
-                prm_sched.step()
-                prm_opt.zero_grad(set_to_none=True)
-            #   b. the PRM after its update, on the same micro-batches: its accuracy, and the double forward's rewards
-            with torch.no_grad(), autocast():
-                prm.eval()
-                prm_after = in_micro_batches(lambda b: response_logprobs(prm, b, 1.0), batch, micro_batches) * mask
-            rewards_after = implicit_process_rewards(prm_after, ref_raw, mask, args.beta)  # (B, T)
-            prime_stats |= {
-                "prime/prm_loss": np.mean(prm_losses),  # held out: each minibatch's loss before its own step
-                "prime/prm_acc_before": prm_pairwise_accuracy(token_rewards.sum(1), scores, K),
-                "prime/prm_acc_after": prm_pairwise_accuracy(rewards_after.sum(1), scores, K),
-                "prime/prm_learning_rate": prm_lr,
-            }
-            if args.prm_update_first:
-                token_rewards = rewards_after
+            #   a-b. one CE update of the PRM on this batch's outcomes; its token rewards (read before or after it)
+            token_rewards, prime_stats = update_prm(prm, prm_opt, prm_sched, batch, micro_batches, accumulation,
+                                                    ref_raw, scores, K, args, autocast)
         t_prm = time.time() - t0
         #   c. the advantages: the official pipeline (default), or Eq. 5 as the paper writes it
         outcome_adv = rloo_outcome_advantages(scores.view(-1, K)).flatten()[:, None] * mask  # (B, T)
@@ -928,28 +751,12 @@ def main(args: Args) -> None:
         if reference is not None:  # the KL to the reference at the sampling temperature (a statistic when kl_coef is 0)
             logs |= {"losses/kl_ref_k3": np.mean(stats["kl_k3"]),
                      "losses/kl_ref_k1": ((old_logprobs - ref_logprobs) * mask).sum(1).mean()}
-        for k, v in logs.items():
-            writer.add_scalar(k, float(v), step)
-        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
-                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
-        leave = end_of_step(step)
-        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
-        if leave:
+        run.log(step, logs)
+        if run.end_step(step):
             break
-    if stop["requested"]:  # Ctrl-C: the checkpoint is written, the run is not over: no final model
-        history.close()
-        writer.close()
-        return
 
-    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
-    if args.save_model:
-        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.move(tmp, final)
-        tqdm.write(f"saved the final policy to {final}")
-    history.close()
-    writer.close()
+    # 3. Save the final policy.
+    run.finish(policy, tokenizer)
 
 
 if __name__ == "__main__":

@@ -1,106 +1,37 @@
-"""SVEB, the State Value Estimation Benchmark (Chen et al., "Hista and Numca", arXiv 2605.29782): how far each
-value estimator in this repository is from Monte Carlo ground truth, on the same states, in one table.
+"""SVEB, the State Value Estimation Benchmark (Chen et al., "Hista and Numca", arXiv 2605.29782).
 
-A state is a prefix of a response. Its true value is the probability that the policy, continuing from it,
-ends with a correct answer; we take the mean reward of n fresh continuations as the ground truth. Every
-estimator guesses that value from what it would have during training, and we report the mean absolute
-error (MAE) against the ground truth, with its standard error, per field and per difficulty tier.
+How far each value estimator of this repository is from Monte Carlo ground truth, on the same states. A state
+is a response cut at a random space; its ground truth is the mean reward of n fresh continuations from it.
+Reported: MAE and its standard error per field and per pass-rate tier, the paired difference against the group
+mean, and the critic-collapse check. Two stages: build (pre-samples, G responses, the cut, continuations: one
+resumable JSONL file) and eval (every estimator: sveb_table.md, sveb_mae.png, sveb_results.json). Estimators,
+each imported from the script that trains with it:
+  GRPO           the group mean of the G responses
+  MCS@1, 2, K    the mean of k of the ground truth's own continuations (K = 9, VinePPO's)
+  Numca          numca.py's table of the G responses' number-sets, read at the cut
+  Hista          hista.py's kNN over the G responses' hidden-state prefixes, at the cut
+  PPO-1          the paper's critic (lambda 1 and 0.95), trained on other problems
+  PRIME          sigmoid(beta * the PRM/reference log-ratio summed to the cut)
 
-Two stages, which can run separately (`--stage build`, `--stage eval`; the default runs both):
-- build: pre-sample each of N test-split problems (20 responses) and grade them: the pass rate decides
-  whether the problem is in the benchmark's population, (0.07, 0.77], and its tier. For each problem in
-  it, sample G fresh responses, cut the first one at a uniformly random space character (seeded): that
-  prefix is the state; sample n continuations from it, graded one by one: their mean is the ground truth.
-  Also pre-sample problems of the train split (20 responses each): PPO-1's critic and PRIME's PRM train on
-  them. Everything goes to one JSONL file, a chunk of problems at a time; an interrupted build resumes where
-  it stopped.
-- eval: read that file, run every estimator, write a markdown table, a bar chart (the paper's number and
-  math figures hatched beside ours), JSON and the critic-collapse check to the output folder.
+Departures from the official code (docs/sveb_eval.md gives the reasons):
+- CPU-scale defaults: SmolLM2-135M, 56 candidates, G = 8, n = 16, 32 training problems (paper: G 32, n 20)
+- critic training: warm-up from lr/w, MSE over the whole batch, held-out loss every step, round(20%) held out
+- PPO-1 only (the paper's PPO row is PPO-N)
+- default task arithmetic; two fields, "number" and "other"
+- the number field is judged from the G fresh responses, against the question's numbers only
+- Hista is read at the cut itself; official: at the last candidate prefix before the cut
+- a response with no space is skipped for the next one; official: cut at its end
+- continuations get what the prefix left of --max-new-tokens; official: the full length each
+- Numca is read from the table directly; official: summed from lambda-0 segment advantages
+- frozen policy bf16 on CUDA, float32 on the CPU; critic and PRM float32 under bf16 autocast
+- extensions: MCS@K and the PRIME row; --population all, --no-train-filters
 
-The estimators, each imported from the script that trains with it where one does, so the benchmark
-measures that code:
-| estimator       | value of the state                                              | code                          |
-| GRPO            | mean reward of the G responses (every token's baseline)         | numca.grpo_advantages' mean   |
-| MCS@1, 2, K     | mean of 1, 2, K (= 9, VinePPO's) of the truth's n continuations | mcs_value                     |
-| Numca           | table of the G responses' number-sets, read at the cut          | numca.number_states, ...      |
-| Hista           | 1/d-weighted kNN over the G responses' hidden-state prefixes    | hista.state_representation ...|
-| PPO-1 l=1, 0.95 | the paper's critic (below), trained on other problems           | CriticOnHidden, ppo.compute_gae |
-| PRIME           | sigmoid(beta * the PRM/reference log-ratio summed to the cut)   | prime_implicit_prm's PRM code |
+Docs: docs/sveb_eval.md
 
-As the official SVEB (VOXXXX1874/Hista: src/sveb, src/ppo_sft, src/data_preparation/select_samples.py):
-- Population: problems whose pass rate over 20 pre-samples is in (0.07, 0.77], reported by the paper's
-  tiers (0.07, 0.17], (0.17, 0.37], (0.37, 0.77] (`pass_tier`). The G responses are fresh samples, not the
-  pre-samples, so that the group mean is not biased by the selection.
-- The cut: the first response is cut at a uniformly random space character; the state is the response's
-  tokens that end at or before that space (with SmolLM2's tokenizer a space starts a token, so the prefix
-  is exactly the text before the space; the official code re-tokenises the text, the same thing here).
-  A response with no space is skipped for the next one (the official code cuts it at its end).
-- MCS@k: the mean of k of the ground truth's own n continuations, drawn without replacement (the official
-  `noise_maes`): the noise of a k-sample estimate measured against the n-sample mean. It is a noise
-  reference, not an independent estimator: for k close to n it shares most of its samples with the truth
-  (MCS@9 of 16 errs by sqrt(v(1-v)(1/9 - 1/16)), not sqrt(v(1-v)/9)).
-- PPO-1, the official critic (src/ppo_sft/trainer/ppo_sft_trainer.py, recipes/*/ppo_sft/Critic_on_*.yaml,
-  src/ppo_sft/process_critic_sft_data.py): a trainable copy of the policy reads the FROZEN policy's last
-  hidden states as `inputs_embeds`; a value head without bias, initialised to zero (V = 0 before training);
-  the loss is plain MSE to GAE targets (gamma 1, lambda 1 or 0.95) computed from the same forward's detached
-  values, over every non-padding token (prompt included; the reward sits on the last token), no value clip,
-  one epoch. Training problems: out of the benchmark, pass rate over their 20 samples in (0, 0.77], every
-  sample of them (right and wrong), split 80/20 by problem; the checkpoint with the best held-out loss is
-  kept. AdamW (eps 1e-8, no weight decay, clipping 1.0: the Trainer's defaults), lr 3e-6, cosine schedule
-  to 10% of it (`cosine_with_min_lr`, min_lr_rate 0.1) after a 5% warm-up, batch 64 responses. The value of
-  a state is read at its last token.
-- PRIME's PRM, trained as prime_implicit_prm.py trains it: its accuracy filter (groups with pass rate in
-  [0.2, 0.8]), one pass of prm_ce_loss per batch (single forward), log-probs at T = 1 for both the PRM and
-  the reference, AdamW eps 1e-8, no weight decay, clipping 10, constant lr. The reference is the frozen
-  policy. Its value at the cut is sigmoid(beta * the log-ratio summed over the prefix), 0.5 at the empty
-  prefix. (The paper has no PRIME row: this is an extension, like MCS@K.)
-
-Departures, and the scale:
-- Sizes. The paper: Qwen2.5-1.5B-Instruct, T = 0.7, G = 32 responses, n = 20 continuations, 1,000 problems
-  per tier and field; its critics train on ~3,000 problems x 20 samples (~750 optimizer steps). The CPU
-  default: SmolLM2-135M, T = 0.7, 56 candidate problems (about half fall in the population), G = 8,
-  n = 16, and 32 candidate training problems x 20 samples. Everything scales by flags (`--num-problems`,
-  `--num-train-problems`, `--group-size`, `--num-truth`); on a GPU use `--backend vllm`. The critic's
-  protocol stays the paper's at every scale, so at the CPU default it takes only a handful of optimizer
-  steps (~5, printed and saved): at lr 3e-6 from a zero head it stays near V = 0 (Adam moves each head
-  weight by about the lr per step, and the critic's last hidden states sum to ~565 in absolute value, so V
-  moves by at most ~0.002 a step). That is what the paper's recipe gives with this little data, not a
-  converged critic; `--critic-learning-rate` and `--critic-epochs` change it on purpose.
-- Small details: the warm-up is linear from lr/w (the Trainer's starts at 0); the MSE is the token mean over
-  the whole batch of 64 (the Trainer's averages the token means of its micro-batches); the held-out loss is
-  evaluated every `--critic-eval-every` optimizer steps and after the last (the official recipe: every 40
-  of ~750); the split holds out round(20%) of the problems, at least one (the official code
-  len // 5 * 4, which holds out all of a set smaller than 5).
-- Default task: the project's `arithmetic` (2 terms, SmolLM2-135M right ~10-30% of the time at T = 0.7).
-  We measured the 135M model on tasks that need intermediate numbers (3-term chain sums and + - * of one
-  digit, reasoning-gym leg counting; 12 problems x 8 samples at T = 0.7): 0-8% right, with 0 of 12
-  problems whose correct responses hold 4 new numbers. At this scale the "number" field is nearly empty
-  whatever the task; a benchmark whose ground truth is ~0 everywhere would rank nothing, so we keep the
-  task the model can do, and report the field counts as they fall.
-- Numca and Hista see all G responses, the cut response included (its reward too), exactly as they do in
-  training: Numca's table holds the whole group, Hista's pool holds the cut response's own prefixes no
-  longer than the state. The ground truth comes from fresh continuations, never from those G responses.
-- Hista at the cut: the state's representation is built from the prompt and the cut prefix alone (the EMA
-  is causal; its last window is the partial one that ends at the cut), and k is hista.py's at the state
-  whose segment holds the cut. The official SVEB script instead reads the estimate of the last candidate
-  prefix (one every 50 tokens) before the cut, which for the ~40-token responses of the CPU default would
-  be the first state, the group mean, almost every time.
-- Fields: "number" when the problem's correct responses, together, hold at least 4 distinct numbers that
-  are not in the question; "other" otherwise (problems with no correct response are "other"). The paper
-  has five fields; a generated arithmetic task only has these two.
-- Memory and precision: the frozen policy (Hista's hidden states, the critic's inputs, PRIME's reference) is
-  bfloat16 on CUDA and float32 on the CPU (so that the PRM's value before training is exactly 0.5); the
-  critic and the PRM train in float32 under bfloat16 autocast (the official recipe: bfloat16 weights), with
-  gradient checkpointing on CUDA by default (`--gradient-checkpointing`).
-- `--population all` builds every problem (tiers outside the population reported as "outside"), and
-  `--no-train-filters` trains PPO-1 and PRIME on every training problem: for a model that solves nothing
-  (the tests' tiny one) and for comparison with an unfiltered population.
-
-Run:  python sveb_eval.py                                  # CPU, offline: build, then evaluate
+Run:  python sveb_eval.py                                  # CPU, offline: build, then evaluate (runs/sveb/)
       python sveb_eval.py --stage eval --bench-file runs/sveb/bench.jsonl
       python sveb_eval.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --backend vllm \\
-          --num-problems 1000 --num-train-problems 1000 --group-size 32 --num-truth 20 \\
-          --max-new-tokens 2048 --critic-eval-every 40   # towards the paper's scale, one GPU
+          --num-problems 1000 --num-train-problems 1000 --group-size 32 --num-truth 20   # one GPU
 """
 
 from __future__ import annotations

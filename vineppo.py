@@ -1,68 +1,41 @@
-"""VinePPO (Kazemnejad et al. 2024, arXiv 2410.01679): PPO without a critic. A language environment can be
-reset to any prefix, so the value of a state is estimated without bias by sampling K continuations from
-it and averaging their rewards.
+"""VinePPO (Kazemnejad et al. 2024, arXiv 2410.01679): PPO without a critic, values by Monte Carlo from prefixes.
 
-Each response is split into reasoning steps (lines for GSM8K-like text, sentences with math spans kept
-whole for MATH). For the prompt and for the prefix after every step but the last, K continuations are
-sampled with the training sampler; V(s_i) is their mean reward. Step i's advantage is
-V(s_{i+1}) - V(s_i), the last step's is R - V(s_last); every token takes its step's advantage. The rest
-is ppo.py: whitened advantages, clipped surrogate, k3 KL to the reference in the loss. `diff ppo.py
-vineppo.py` shows the idea and little else.
+Each response is split into reasoning steps (lines for GSM8K-like text, sentences with math spans kept whole
+for MATH). For the prompt and the prefix after every step but the last, K = 9 continuations are sampled with
+the training sampler (identical prefixes once); V(s_i) is their mean reward. Step i's advantage is
+V(s_{i+1}) - V(s_i), the last step's R - V(s_last); every token takes its step's advantage. The rest is
+ppo.py without the critic: whitened advantages, clipped surrogate, k3 KL to the reference in the loss;
+`diff ppo.py vineppo.py` shows the idea and little else. Official code: McGill-NLP/VinePPO
+(math_episode_generator_with_mc_advantages.py, ppo_trainer.py, configs/polIter_*_vineppo_*.jsonnet).
 
-Departures from the paper and its code (shared/docs/ALGORITHMS.md section 2):
-- Defaults sized for the offline CPU run, as in ppo.py (8 prompts x 4 samples, lr 1e-5, 128 new tokens).
-  K = 9 as in the paper's main runs: on the CPU this makes the continuations most of the step's time.
-- Top-p 1.0 by default (the paper samples with 0.9): the log-probs of the ratio use the full softmax, so
-  top-p < 1 makes the update slightly off-policy; `--top-p 0.9` gives the paper's sampler.
-- Estimated states: the prompt + 25 step boundaries for the newline (GSM8K) style, as VinePPO's GSM8K
-  configs; every boundary for the math style, as its MATH configs (--max-estimated-steps). States past
-  the cap take V = R, so their steps get advantage 0.
-- A continuation is generated with exactly the response budget left after its prefix (max_new_tokens minus
-  the prefix's response tokens, one budget per prefix in the same batched call); one cut by it is
-  unfinished and scores 0, as the original response would.
-- A token that straddles a step boundary belongs to the step in which it ends: the state "after step i"
-  must be a token prefix, and the prefix that stops before that token is the one the policy sampled from.
-- The separator at a boundary (a line break, the spaces after a sentence's end) ends the step before it;
-  VinePPO's splitter starts the next step with it. With tokens such as " The" that carry their leading
-  space, both give the same token prefix after a sentence; after a line break ours includes the newline.
-- Advantages are whitened once over the whole batch's response tokens; VinePPO's code whitens them per
-  micro-batch, in every epoch (the statistics of a few sequences at a time).
-- Dropout is left as the model's config has it, where VinePPO's code disables it: zero in SmolLM2 and
-  Qwen2.5, so the same; a model with dropout would make the ratio noisy.
-- Optimizer as VinePPO's code: AdamW with eps 1e-8 and no weight decay, 3% linear warm-up, then linear
-  decay over the optimizer steps of --num-steps (flags: --adam-eps, --weight-decay, --warmup-ratio,
-  --lr-decay).
-- KL and ratio safety as VinePPO's code: per-token k3 clamped to [0, 10]; log-ratios masked before any
-  exp; a micro-batch whose mean ratio exceeds --max-ratio (10) is skipped and counted (losses/skipped).
-- Batch invariance: each step's micro-batch partition is drawn once; the old and reference passes and
-  every epoch of the update run exactly those micro-batches (epochs shuffle their order), so at unchanged
-  weights the update's log-probs equal the old ones bit for bit and clipfrac / approx_kl / kl_ref_k3
-  measure only the update. The price: the no-grad passes use the update's micro-batch size.
-- Memory: logits only at response positions, float32 log-softmax one chunk at a time (checkpointed under
-  autograd); gradient checkpointing on CUDA by default; the frozen reference in bfloat16 on CUDA (on the
-  CPU it stays float32 so that it reproduces the policy's log-probs exactly at step 0); the sampler (vLLM)
-  sleeps after the step's last generation, the Monte Carlo continuations, until the weights are synced.
-- The policy trains in float32 with bfloat16 autocast (3x faster than float32 on the CPU, same on GPU);
-  sampling uses a bfloat16 copy of the policy (or vLLM), refreshed after each update.
+Departures from the official code (docs/vineppo.md gives the reasons):
+- Defaults sized for the offline CPU run (8 prompts x 4, lr 1e-5, 128 new tokens); K = 9 as in the paper.
+- Top-p 1.0 by default (the paper: 0.9).
+- Estimation cap by splitting style: 25 boundaries for the newline style, none for math (as the configs).
+- A continuation gets exactly the response budget its prefix left (official: context size minus the prefix).
+- A token straddling a step boundary belongs to the step where it ends (official: where it starts).
+- The separator at a boundary ends the step before it (official: it starts the next one).
+- Advantages whitened once over the batch (official: within each micro-batch, every epoch).
+- Dropout left as the model's config has it (official: disabled).
+- One micro-batch partition per step, shared by every pass and epoch (batch invariance).
+- Logits only at response positions, float32 log-softmax in chunks; the reference stays float32 on the CPU.
+- Float32 weights under bf16 autocast; sampling from a bf16 copy of the policy (hf) or vLLM.
+- The math splitter's thresholds and abbreviation rule differ in detail from split_solution_inplace.
+- Loss is the token mean over the minibatch (official: the mean of micro-batch token means).
 
-Run:  python vineppo.py                                                        # CPU, offline, default
+Docs: docs/vineppo.md
+Run:  python vineppo.py                                               # CPU, offline, default
       python vineppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import math
-import os
-import random
 import re
-import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -70,16 +43,12 @@ import torch
 import torch.utils.checkpoint
 import tyro
 from tokenizers import decoders
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from common.args import check_ranges
-from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
-from common.generation import make_generator
 from common.grading import grade
-from common.models import (DEFAULT_MODEL, ModelLoadError, check_memory, default_device, load_model, load_tokenizer,
-                           resolve_model_path)
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
+from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
 
 
 @dataclass
@@ -563,16 +532,8 @@ def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation and logging helpers.
+# A logged statistic, and the checks of the arguments.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
-    """Greedy accuracy on held-out problems, and (question, response, score) for each."""
-    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
-    scores = outcome_rewards([o[0].text for o in outs], [o[0].finished for o in outs], [p.answer for p in problems])
-    return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
-
-
 def correlation(x: list[float], y: list[float]) -> float:
     """Pearson correlation; NaN when either side is constant."""
     if np.std(x) < 1e-12 or np.std(y) < 1e-12:
@@ -580,60 +541,21 @@ def correlation(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
-    rows = ["| question | response | reward |", "|---|---|---|"]
-    for q, r, s in samples:
-        rows.append(f"| {q} | {r} | {s:.0f} |".replace("\n", "<br>"))
-    return "\n".join(rows)
-
-
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
-    check_ranges(args, {
-        ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
-                 "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len", "num_mc_rollouts"],
-        ">= 0": ["learning_rate", "weight_decay", "kl_coef", "num_logged_samples", "save_every",
-                 "max_estimated_steps"],
-        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "clip_eps", "max_ratio"],
-        "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
-        "in [0, 1]": ["warmup_ratio"],
-    })
-    args.batch_size = args.num_prompts * args.samples_per_prompt
-    if args.batch_size % args.minibatch_size:
-        raise SystemExit(f"error: --minibatch-size {args.minibatch_size} must divide the batch "
-                         f"(num_prompts * samples_per_prompt = {args.batch_size})")
-    if args.minibatch_size % args.micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
-                         f"--minibatch-size {args.minibatch_size}")
-    if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+    check_shared_args(args)
+    check_ranges(args, {">= 1": ["num_mc_rollouts"], ">= 0": ["kl_coef", "max_estimated_steps"],
+                        "> 0": ["clip_eps", "max_ratio"]})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, logger.
-    if args.resume is not None:  # continue a run: the arguments it was started with, its folder
-        args = Args(**{**saved_args(args.resume), "resume": args.resume})
+    # 1. Set-up: arguments, seeds, data, models, optimizers, generator, the run's bookkeeping.
+    args = resume_args(Args, args)
     check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device() if args.device == "auto" else args.device
-    autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
-        else contextlib.nullcontext
-
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
+    device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
     # (bf16 weights and bf16 autocast over float32 weights round differently).
@@ -659,68 +581,15 @@ def main(args: Args) -> None:
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                    weight_decay=args.weight_decay)
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, schedule)
-    generator = make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
-                               batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               seed=args.seed, max_model_len=args.vllm_max_model_len,
-                               enforce_eager=args.vllm_enforce_eager)
+    generator = make_run_generator(args, policy, tokenizer)
 
-    run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start_step, elapsed, eval_acc = 1, 0.0, float("nan")
+    # The run folder, metrics, checkpoints (with --resume: everything below restored from the newest one).
     # The run-long state is that of ppo.py (weights, optimizer, schedule, random generators): the Monte Carlo
     # continuations are seeded by the step, so a resumed run samples the same ones.
-    if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"error: {run_dir} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
-        state = load_checkpoint(checkpoint)
-        policy.load_state_dict(state["models"]["policy"])
-        policy_opt.load_state_dict(state["optimizers"]["policy"])
-        policy_sched.load_state_dict(state["schedulers"]["policy"])
-        generator.sync_weights(policy)
-        os.truncate(metrics_path, state["metrics_bytes"])
-        start_step, elapsed, eval_acc = state["step"] + 1, state["elapsed"], state["eval_acc"]
-        tqdm.write(f"resuming {run_dir} after step {state['step']}")
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    writer = SummaryWriter(run_dir, purge_step=start_step if args.resume else None)  # purge: drop the lost steps
-    if not args.resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if args.track:
-        import wandb
+    run = Run(args, "vineppo.py", models={"policy": policy}, optimizers={"policy": policy_opt},
+              schedulers={"policy": policy_sched}, generator=generator, tokenizer=tokenizer, eval_problems=eval_problems)
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True,
-                   resume="allow" if args.resume else None)
-    history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
-    start_time = time.time() - elapsed
-    # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-
-    def run_eval(step: int) -> float:
-        acc, samples = evaluate(generator, tokenizer, eval_problems, args.max_new_tokens)
-        writer.add_scalar("charts/eval_accuracy", acc, step)
-        writer.add_text("samples/eval", samples_markdown(samples[: args.num_logged_samples]), step)
-        history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": time.time() - start_time}) + "\n")
-        return acc
-
-    if not args.resume:
-        eval_acc = run_eval(0)
-        tqdm.write(f"step 0: held-out greedy accuracy {eval_acc:.3f} on {len(eval_problems)} problems")
-    else:
-        set_rng_state(state["rng"])  # the generators exactly as they were after the checkpoint's step
-    progress = tqdm(range(start_step, args.num_steps + 1), desc=args.exp_name, dynamic_ncols=True)
-    for step in progress:
+    for step in run.steps():
         t_step = time.time()
 
         # 2.1 Sample a batch of prompts and generate samples_per_prompt responses to each.
@@ -840,41 +709,12 @@ def main(args: Args) -> None:
             "vine/zero_advantage_frac": (raw_advantages == 0).mean(),
             "vine/prompt_value_corr": correlation(prompt_values, group_means),
         }
-        for k, v in logs.items():
-            writer.add_scalar(k, float(v), step)
-        history.write(json.dumps({"step": step, "wall_s": time.time() - start_time,
-                                  **{k: float(v) for k, v in logs.items()}}) + "\n")
-        out_of_time = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
-            eval_acc = run_eval(step)
-            tqdm.write(f"step {step}: held-out greedy accuracy {eval_acc:.3f}")
-        progress.set_postfix(reward=f"{scores.mean():.2f}", eval=f"{eval_acc:.3f}", s=f"{step_time:.0f}")
-        if stop["requested"] or (args.save_every and step % args.save_every == 0):
-            history.flush()
-            save_checkpoint(run_dir, step, {
-                "models": {"policy": policy.state_dict()},
-                "optimizers": {"policy": policy_opt.state_dict()},
-                "schedulers": {"policy": policy_sched.state_dict()},
-                "rng": rng_state(), "metrics_bytes": history.tell(), "elapsed": time.time() - start_time,
-                "eval_acc": eval_acc}, keep=args.keep_checkpoints)
-        if stop["requested"]:
-            tqdm.write(f"stopped after step {step}; continue with: python vineppo.py --resume {run_dir}")
-            history.close()
-            writer.close()
-            return
-        if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+        run.log(step, logs)
+        if run.end_step(step):
             break
 
-    # 3. Save the final policy (written to a temporary folder first, so a crash leaves no half model).
-    if args.save_model:
-        final, tmp = os.path.join(run_dir, "final_model"), os.path.join(run_dir, "final_model.tmp")
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.move(tmp, final)
-        tqdm.write(f"saved the final policy to {final}")
-    history.close()
-    writer.close()
+    # 3. Save the final policy.
+    run.finish(policy, tokenizer)
 
 
 if __name__ == "__main__":

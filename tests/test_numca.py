@@ -284,7 +284,7 @@ def test_numca_end_to_end(tmp_path, flags):
     # The last checkpoint carries the table as it was after step 2: both prompts, each seen by 2 x 2 rollouts.
     state = load_checkpoint(latest_checkpoint(str(run_dir)))
     table = NumcaTable()
-    table.load_state_dict(state["numca_table"])
+    table.load_state_dict(state["state"]["numca_table"])
     assert state["step"] == 2 and table.size == (train[1]["numca/table_size"] if not flags else 0)
     if not flags:
         assert train[1]["numca/seen_state_token_frac"] > 0  # step 2 read states step 1 had put in the table

@@ -324,4 +324,4 @@ def test_filter_skips_steps_without_signal(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]
     state = load_checkpoint(latest_checkpoint(str(run_dir)))
-    assert state["step"] == 2 and state["next_problem"] == 8 and state["surplus"] == []
+    assert state["step"] == 2 and state["state"]["feed"] == {"next_problem": 8, "surplus": []}

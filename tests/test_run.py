@@ -1,0 +1,78 @@
+"""The run's bookkeeping (common/run.py), which every trainer uses: --track really reaches wandb, --resume refuses
+a folder that is not this script's run before any model is loaded, and the shared argument checks.
+
+The rest of what Run does (metrics.jsonl, checkpoints and resume, Ctrl-C, the final model) is checked through the
+trainers themselves in tests/test_trainers.py."""
+
+import json
+import struct
+
+import pytest
+
+from conftest import run_script
+
+pytest.importorskip("wandb")
+
+TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+        "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "8",
+        "--eval-every", "2", "--no-save-model"]
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of an offline run's .wandb file: the LevelDB log format (a 7-byte file header, then
+    32 KiB blocks of chunks, each with a 7-byte header: checksum, length, type), each record a protobuf
+    Record. wandb ships no reader for it in Python, so this is the smallest one that reads the history."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a .wandb file"
+    pos, block, pending, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the end of a block is padded with zeros
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_track_sends_the_step_metrics_and_the_evaluation_to_wandb(tmp_path, monkeypatch):
+    # wandb patches TensorBoard only for writers made after wandb.init: before the fix the run held no metric.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    proc = run_script("vineppo.py", *TINY, "--num-mc-rollouts", "2", "--output-dir", str(tmp_path), "--track")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    rows = wandb_history(wandb_file)
+    logged = {key for row in rows for key in row}
+    for key in ("charts/reward_mean", "losses/policy_loss", "losses/approx_kl", "vine/continuations", "time/update",
+                "charts/eval_accuracy"):
+        assert key in logged, key
+    # The same numbers as metrics.jsonl: the step-2 policy loss, and the evaluations at steps 0 and 2.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step2 = next(r for r in records if r["step"] == 2 and "losses/policy_loss" in r)
+    by_step = {row["global_step"]: row for row in rows if "losses/policy_loss" in row}
+    assert by_step[2]["losses/policy_loss"] == pytest.approx(step2["losses/policy_loss"], rel=1e-6)
+    evals = sorted(row["global_step"] for row in rows if "charts/eval_accuracy" in row)
+    assert evals == [r["step"] for r in records if "eval_accuracy" in r] == [0, 2]
+
+
+def test_resume_of_another_scripts_run_is_one_line(tmp_path):
+    proc = run_script("ppo.py", *TINY, "--output-dir", str(tmp_path), "--save-every", "1", "--num-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    for script in ("vineppo.py", "numca.py", "hista.py", "prime_implicit_prm.py"):
+        proc = run_script(script, "--resume", str(run_dir))
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert last.startswith("error:") and "is not a run of this script" in last, last
