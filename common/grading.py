@@ -55,13 +55,14 @@ it), an answer that only hands the question back scores 0.0 (restates_question, 
 - against a numeric gold, when the question has a calculation of its own (numbers joined by an operator
   or operator word, "59 * 100", "59 times 100", "the product of 59 and 100", "2^{10}", "gcd(12, 18)",
   "\\sqrt{16}", "12 squared"; see question_operands): the answer must be a plain number, a fraction in lowest
-  terms, or another directly read form (mixed number, power, scientific notation, root, unreduced
-  fraction) that is not written with the question's operands (0 and 1 count as the question's) and is
-  not a trivial dressing (x^1, x \\times 10^0, a whole number as a fraction). Any other calculation, in any
-  notation (`59 \\cdot 100`, `59 \\times 10^2`, `\\exp(\\ln 5900)`, `\\max(5900, 1)`, `|-5900|`, `-(-5900)`), is
-  the question's calculation left undone and scores 0.0, while `5900`, `5,900`, `5.9 \\times 10^3` and the
-  value-first `5900 = 59 \\times 100` count. A question without a calculation (a word problem: "Each of 3
-  baskets holds 4 eggs") has nothing to restate, and `3 \\cdot 4` answers it.
+  terms, or another directly read form (mixed number, power of ten, scientific notation with a mantissa
+  from 1 to 10, root, unreduced fraction) that is not written with the question's operands (0 and 1
+  count as the question's) and is not a trivial dressing (x^1, a whole number as a fraction); a power of
+  another base rewrites a calculation without doing it (2^{10} for 32 * 32). Any other calculation, in
+  any notation (`59 \\cdot 100`, `59 \\times 10^2`, `\\exp(\\ln 5900)`, `\\max(5900, 1)`, `|-5900|`,
+  `-(-5900)`), is the question's calculation left undone and scores 0.0, while `5900`, `5,900`,
+  `5.9 \\times 10^3` and the value-first `5900 = 59 \\times 100` count. A question without a calculation (a
+  word problem: "Each of 3 baskets holds 4 eggs") has nothing to restate, and `3 \\cdot 4` answers it.
   Known limits: numbers written as words in the question ("fifty-nine times one hundred") are not read; a
   symbolic answer is caught only when it repeats the question's expression verbatim; the check reads the
   question's last MAX_QUESTION_CHARS characters.
@@ -371,13 +372,20 @@ def _standalone_number(text: str, m: re.Match, exponents: bool = False) -> tuple
 
 
 def _last_number(text: str) -> tuple[int, str] | None:
-    """(end, number) of the last number that stands on its own (a fraction 2/3 kept whole)."""
+    """(end, number) of the last number that stands on its own (a fraction 2/3 kept whole, a percent sign
+    kept)."""
     last = None
     for m in _NUMBER.finditer(text):
         found = _standalone_number(text, m)
         if found is not None:
-            last = (found[1], found[2])
-    return last
+            last = found
+    if last is None:
+        return None
+    _, end, number = last
+    for sign in ("%", "\\%"):  # "0.5%" keeps its percent sign
+        if text.startswith(sign, end):
+            return end + len(sign), number + sign
+    return end, number
 
 
 def _skip_argument(text: str, pos: int, close_of: dict[int, int]) -> int | None:
@@ -550,6 +558,7 @@ class _Form:
 
     def __init__(self, kind: str, value: Fraction, parts: tuple = (), decimal: bool = False):
         self.kind, self.value, self.parts, self.decimal = kind, value, parts, decimal
+        self.percent = False  # written with a percent sign: 25% is 25, or 0.25
 
 
 def _strip_decoration(s: str) -> str:
@@ -565,6 +574,13 @@ def _strip_decoration(s: str) -> str:
 
 
 def _direct_form(s: str) -> _Form | None:
+    form = _direct_form_of(s)
+    if form is not None and "%" in s:
+        form.percent = True
+    return form
+
+
+def _direct_form_of(s: str) -> _Form | None:
     """The value of `s` when it is a plain number or a form a human reads directly: a fraction (a/b,
     (a)/(b), \\frac{a}{b}), a mixed number (3 1/2, 3\\frac{1}{2}), scientific notation (2.5 \\times 10^{3},
     2.5e3), an integer power (10^3, 2^{10}, 2^{-1}), the root of a perfect square (\\sqrt{16}) or a repeating
@@ -623,6 +639,16 @@ def _direct_form(s: str) -> _Form | None:
         return None
     r = math.isqrt(n)
     return _Form(kind, Fraction(sign * r), (n,)) if r * r == n else None
+
+
+def _values_match(pred: _Form, gold: _Form) -> bool:
+    """The same value; a percentage matches both its number and its fraction (25% is 25 and 0.25)."""
+    if _same_value(pred, gold):
+        return True
+    if pred.percent != gold.percent:
+        percent, other = (pred, gold) if pred.percent else (gold, pred)
+        return _same_value(_Form(percent.kind, percent.value / 100, percent.parts, percent.decimal), other)
+    return False
 
 
 def _same_value(pred: _Form, gold: _Form) -> bool:
@@ -766,10 +792,12 @@ def question_expressions(question: str) -> set[str]:
 def restates_question(answer: str, question: str) -> bool:
     """True when `answer` (to a numeric gold) only restates the question's calculation instead of giving
     its value. With a question that has a calculation of its own, the answer must be a plain number, a
-    fraction in lowest terms, or another form a human reads directly (mixed number, power, scientific
-    notation, root of a perfect square, unreduced fraction) that is not written with the question's
-    operands: "59 \\cdot 100", "59 \\times 10^2", "\\max(5900, 1)", "|-5900|", "\\frac{590000}{100}"
-    restate "What is 59 * 100?"; "5900", "5.9 \\times 10^3" do not."""
+    fraction in lowest terms, or another form a human reads directly (mixed number, power of ten,
+    scientific notation with a mantissa from 1 to 10, root of a perfect square, unreduced fraction that is
+    not a whole number) that is not written with the question's operands: "59 \\cdot 100",
+    "59 \\times 10^2", "\\max(5900, 1)", "|-5900|", "\\frac{590000}{100}" restate "What is 59 * 100?";
+    "5900", "5.9 \\times 10^3" do not. A power of another base than 10 rewrites a calculation without
+    doing it (4^5 for 2^10, 2^{10} for 32 * 32), so it counts only where the question has no calculation."""
     operands = question_operands(question)
     if not operands:
         return False  # nothing to restate: "3 \\cdot 4" answers "how many eggs" fine
@@ -781,12 +809,12 @@ def restates_question(answer: str, question: str) -> bool:
     if form.kind == "fraction" and form.value.denominator == 1:
         return True  # a whole number as a fraction: the division not done
     known = operands | {Fraction(0), Fraction(1)}
-    if form.kind == "power" and (form.parts[1] in (0, 1) or form.parts[0] in (0, 1)):
-        return True  # 5900^1: the value dressed up
+    if form.kind == "power" and (form.parts[0] != 10 or form.parts[1] in (0, 1)):
+        return True  # 4^5 for 2^10, 2^{10} for 32 * 32: rewritten, not evaluated; 5900^1: dressed up
     if form.kind == "scientific":
         mantissa, exponent = form.parts
-        if exponent == 0:
-            return True  # 5900 \times 10^0
+        if exponent == 0 or not 1 <= abs(mantissa) < 10:
+            return True  # 5900 \times 10^0, 0.59 \times 10^4: not the value's own scientific notation
         power = Fraction(10) ** exponent
         written_with_operands = abs(power) in known or {Fraction(10), Fraction(abs(exponent))} <= known
         return abs(mantissa) in known and written_with_operands
@@ -859,7 +887,7 @@ def grade(response: str, gold: str, question: str | None = None) -> float:
             return 1.0
         form = _direct_form(pred)
         if form is not None:
-            return float(_same_value(form, gold_form))
+            return float(_values_match(form, gold_form))
     else:  # `y = 2x + 1` against `2x + 1`, either way round
         if "=" not in gold:
             pred = _lone_symbol_rhs(pred) or pred

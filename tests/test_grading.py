@@ -12,7 +12,7 @@ Every case below was worked out by hand (the expected grade is what a careful hu
 |                                     | together < 12 s of CPU, none over 2 s (measured: about 4 s  |        |
 |                                     | in all, 0.6 s at most for one MB); 5 hostile questions of   |        |
 |                                     | 1 MB < 5 s together (measured: 0.3 s)                       |        |
-| 3. the same grade on any thread     | all 165 + 47 graded cases on 2 worker threads + 4 tests:    | 216/216|
+| 3. the same grade on any thread     | all 169 + 50 graded cases on 2 worker threads + 4 tests:    | 223/223|
 |                                     | hostile input stays bounded; a helper that cannot start or  |        |
 |                                     | dies raises GradingError; one that hangs is killed and warns|        |
 | 4. unboxed answers                  | 24 cases (UNBOXED): 2/3, (7, 6), x >= 5, equations, prices, | 24/24  |
@@ -20,20 +20,20 @@ Every case below was worked out by hand (the expected grade is what a careful hu
 | hostile input (towers, code, depth) | 7 cases                                                     | 7/7    |
 | extraction order                    | test_extract_answer_priority (8 checks)                     | 8/8    |
 | no silent 0.0                       | empty gold raises; an unparseable gold warns                | 2/2    |
-| 5. equivalent forms (no question)   | 36 cases (EQUIVALENT_FORMS): 10^3, 2^{10}, \\sqrt{4}, 2^{-1}, | 36/36  |
+| 5. equivalent forms (no question)   | 39 cases (EQUIVALENT_FORMS): 10^3, 2^{10}, \\sqrt{4}, 2^{-1}, | 39/39  |
 |                                     | 1024 = 2^{10}, (3)/(4), 3 1/2, 5.9e3, 0.\\overline{3} ...     |        |
-| 6. wrong values stay wrong          | 10 cases (WRONG_VALUES): +-, "or", 5901 = 5900, 0.33 ...    | 10/10  |
+| 6. wrong values stay wrong          | 11 cases (WRONG_VALUES): +-, "or", 5901 = 5900, 0.33 ...    | 11/11  |
 | 7. unboxed LaTeX read whole         | 17 cases (UNBOXED_LATEX): `$ \\frac{1}{9} $`, bare \\dfrac,    | 17/17  |
 |                                     | matrices, mixed numbers, answer-only responses              |        |
 | 8. no digit out of a word or index  | 9 cases (DIGITS_IN_WORDS): B2, x_2, H2O, CO2, x^2; 2nd, 5cm | 9/9    |
 | 9. Unicode operators and symbols    | 9 cases (UNICODE): minus, ½, ², √, °, π, ≥, ×               | 9/9    |
-| 10. restating the question          | 42 cases (RESTATEMENTS) with the question: 59 ⋅ 100,        | 42/42  |
+| 10. restating the question          | 45 cases (RESTATEMENTS) with the question: 59 ⋅ 100,        | 45/45  |
 |                                     | 59 \\times 10^2, \\exp(\\ln 5900), \\max(5900, 1), -(-5900) |        |
 |                                     | score 0.0; 5900, 5.9 \\times 10^3, value-first still count |        |
 | 11. questions without a calculation | 5 cases (NO_CALCULATION_IN_QUESTION): 3 \\cdot 4 for eggs    | 5/5    |
 |                                     | + test_question_operands (9 checks)                         | 9/9    |
 
-Every case of tables 5-11 carries a one-line reason for its label. 231 pytest tests in all
+Every case of tables 5-11 carries a one-line reason for its label. 238 pytest tests in all
 (`python -m pytest tests/test_grading.py -q`), all passing.
 """
 
@@ -190,6 +190,9 @@ EQUIVALENT_FORMS = [
     ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),  # a symbolic gold answer is math-verify's to judge
     ("\\boxed{x^2 + 2x + 1}", "(x+1)^2", 1.0),
     ("\\boxed{x = 5}", "5", 1.0),  # an equation counts by its value side
+    ("\\boxed{25\\%}", "0.25", 1.0),  # a percentage is its fraction ...
+    ("\\boxed{25\\%}", "25", 1.0),  # ... or its number, as the gold answer writes it
+    ("The rate falls to 0.5%.", "0.005", 1.0),  # the percent sign stays with the last number
 ]
 
 # 6. Wrong answers stay wrong, however they are dressed.
@@ -204,6 +207,7 @@ WRONG_VALUES = [
     ("\\boxed{\\frac{1}{9}}", "9", 0.0),  # a fraction is not its denominator
     ("\\boxed{2^{10}}", "1000", 0.0),
     ("\\boxed{1,2}", "12", 0.0),  # a list of two numbers is not twelve
+    ("\\boxed{0.25}", "25", 0.0),  # a fraction without a percent sign is not its percentage
 ]
 
 # 7. The fallback without a box reads `$...$` with spaces inside, `\(...\)`, `\[...\]` and bare LaTeX whole.
@@ -297,7 +301,10 @@ RESTATEMENTS = [
     ("\\boxed{5.9 \\times 10^3}", "5900", Q59, 1.0),  # scientific notation not built from 59 and 100
     ("\\boxed{5900 \\text{ dollars}}", "5900", Q59, 1.0),
     ("\\boxed{1024}", "1024", "What is 2^10?", 1.0),
-    ("\\boxed{2^{10}}", "1024", "What is 32 * 32?", 1.0),  # a power, not of the question's numbers
+    ("\\boxed{2^{10}}", "1024", "What is 32 * 32?", 0.0),  # a power of 2: rewritten, not evaluated
+    ("\\boxed{0.59 \\times 10^4}", "5900", Q59, 0.0),  # a mantissa off 1-10: the digits shifted, not the value
+    ("\\boxed{10^3}", "1000", "What is 10 * 100?", 1.0),  # a power of ten is read directly
+    ("\\boxed{3\\frac{1}{2}}", "3.5", "Write 7/2 as a mixed number.", 1.0),  # a mixed number of other numbers
     ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}", "Simplify 6/8.", 1.0),
     ("\\boxed{3/4}", "0.75", "Calculate 3 / 4.", 0.0),  # the question's own expression, verbatim
     ("\\boxed{7\\sqrt{5}}", "7\\sqrt{5}", "Simplify $\\sqrt{245}$.", 1.0),
