@@ -481,9 +481,8 @@ def _last_expression(text: str) -> str | None:
 
 def extract_answer(response: str) -> str | None:
     """The model's final answer as a string, or None when the response has none (order: boxes, unless an
-    "answer is" follows the last one -> "answer is" -> `####` line -> the whole response if it is math, else the
-    last number or expression;
-    see the module docstring)."""
+    "answer is" follows the last one -> "answer is" -> `####` line -> the whole response if it is math ->
+    the last number or expression; see the module docstring)."""
     boxes = _boxes(response)
     if boxes:
         # "... \\boxed{255} ... The final answer is $10,455$.": a statement after the last box supersedes it
@@ -498,6 +497,9 @@ def extract_answer(response: str) -> str | None:
     if gsm and gsm[-1].strip():
         return gsm[-1].strip()
     return _last_expression(response)
+
+
+_ANSWER_PREFIX = re.compile(r"(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 
 
 def gold_answer(gold: str) -> str:
@@ -517,8 +519,6 @@ def gold_answer(gold: str) -> str:
         gold = gold[phrase.end():]
     return _unwrap(gold)
 
-
-_ANSWER_PREFIX = re.compile(r"(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------------
