@@ -178,9 +178,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
-    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
-    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str], questions: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0. The grader
+    reads the question too: an answer that only hands its calculation back (\\boxed{59 * 100}) scores 0."""
+    return [grade(text, gold, question=q) if done else 0.0
+            for text, done, gold, q in zip(texts, finished, answers, questions)]
 
 
 def ema_smooth(h: torch.Tensor, alpha: float, chunk: int = 32) -> torch.Tensor:
@@ -603,8 +605,8 @@ def main(args: Args) -> None:
         # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response. Dynamic sampling keeps the
         #     num_prompts groups whose pass rate is nearest 0.5 (all of them when the scale is 1).
         G = args.samples_per_prompt
-        drawn_scores = torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row],
-                                                     [p.answer] * G) for p, row in zip(problems, outs)])  # (drawn, G)
+        drawn_scores = torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * G,
+                                                     [p.question] * G) for p, row in zip(problems, outs)])  # (drawn, G)
         keep = select_prompts(drawn_scores.mean(1), args.num_prompts)
         problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
         completions = [c for i in keep for c in outs[i]]  # (B,) prompt-major: sample j of prompt i at i*G + j

@@ -168,9 +168,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
-    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
-    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str], questions: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0. The grader
+    reads the question too: an answer that only hands its calculation back (\\boxed{59 * 100}) scores 0."""
+    return [grade(text, gold, question=q) if done else 0.0
+            for text, done, gold, q in zip(texts, finished, answers, questions)]
 
 
 def place_rewards(scores: torch.Tensor, lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -420,7 +422,9 @@ def main(args: Args) -> None:
 
         # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
         answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
-        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        questions = [p.question for p in problems for _ in range(args.samples_per_prompt)]
+        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers,
+                                              questions))
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask  # (B, T)

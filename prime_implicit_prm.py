@@ -195,9 +195,11 @@ def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
     return rewards.flip(1).cumsum(1).flip(1)
 
 
-def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
-    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
-    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str], questions: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0. The grader
+    reads the question too: an answer that only hands its calculation back (\\boxed{59 * 100}) scores 0."""
+    return [grade(text, gold, question=q) if done else 0.0
+            for text, done, gold, q in zip(texts, finished, answers, questions)]
 
 
 def implicit_process_rewards(prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -614,8 +616,8 @@ def main(args: Args) -> None:
             outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=K,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, seed=args.seed * 100_003 + step * 1_009 + draw)
-            return outs, torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K)
-                                       for p, row in zip(problems, outs)])
+            return outs, torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K,
+                                                       [p.question] * K) for p, row in zip(problems, outs)])
 
         accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
             (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))

@@ -659,8 +659,8 @@ def build(args: Args) -> str:
 
 
 def continuation_rewards(generator, tokenizer, prompts: list[list[int]], prefixes: list[list[int]],
-                         answers: list[str], n: int, max_new_tokens: int, temperature: float, top_p: float,
-                         seed: int) -> list[list[float]]:
+                         answers: list[str], questions: list[str], n: int, max_new_tokens: int, temperature: float,
+                         top_p: float, seed: int) -> list[list[float]]:
     """The graded rewards of n continuations from each state (prompt + response prefix), one batched call.
     vineppo.estimate_values' rule, kept one reward per continuation: a continuation may use the budget its
     prefix left of max_new_tokens; one that does not finish within it scores 0."""
@@ -668,9 +668,10 @@ def continuation_rewards(generator, tokenizer, prompts: list[list[int]], prefixe
                               max_new_tokens=[max_new_tokens - len(x) for x in prefixes],
                               temperature=temperature, top_p=top_p, seed=seed)
     rewards = []
-    for prefix, answer, conts in zip(prefixes, answers, outs):
+    for prefix, answer, question, conts in zip(prefixes, answers, questions, outs):
         texts = [tokenizer.decode(prefix + c.token_ids, skip_special_tokens=True) for c in conts]
-        rewards.append(vineppo.outcome_rewards(texts, [c.finished for c in conts], [answer] * len(conts)))
+        rewards.append(vineppo.outcome_rewards(texts, [c.finished for c in conts], [answer] * len(conts),
+                                               [question] * len(conts)))
     return rewards
 
 
@@ -688,7 +689,7 @@ def build_chunk(chunk: list[tuple], generator, tokenizer, args: Args) -> list[di
     records = []
     for (kind, index, p), prompt, completions in zip(chunk, prompts, pre):
         rewards = vineppo.outcome_rewards([c.text for c in completions], [c.finished for c in completions],
-                                          [p.answer] * len(completions))
+                                          [p.answer] * len(completions), [p.question] * len(completions))
         record = {"kind": kind, "index": index, "question": p.question, "answer": p.answer, "prompt_ids": prompt,
                   "pass_rate": float(np.mean(rewards))}
         if kind == "train":  # what PPO-1 and PRIME train on
@@ -706,7 +707,7 @@ def build_chunk(chunk: list[tuple], generator, tokenizer, args: Args) -> list[di
                               seed=base + 1)
     for (record, _), completions in zip(members, outs):
         rewards = vineppo.outcome_rewards([c.text for c in completions], [c.finished for c in completions],
-                                          [record["answer"]] * len(completions))
+                                          [record["answer"]] * len(completions), [record["question"]] * len(completions))
         record["responses"] = [{"token_ids": c.token_ids, "text": c.text, "finished": c.finished, "reward": r}
                                for c, r in zip(completions, rewards)]
         rng = random.Random(args.seed * 1_000_003 + record["index"])
@@ -727,8 +728,8 @@ def build_chunk(chunk: list[tuple], generator, tokenizer, args: Args) -> list[di
     truth = continuation_rewards(
         generator, tokenizer, [prompt for _, prompt in members],
         [r["responses"][r["cut_response"]]["token_ids"][: r["cut_tokens"]] for r, _ in members],
-        [r["answer"] for r, _ in members], args.num_truth, args.max_new_tokens, args.temperature, args.top_p,
-        seed=base + 2)
+        [r["answer"] for r, _ in members], [r["question"] for r, _ in members], args.num_truth, args.max_new_tokens,
+        args.temperature, args.top_p, seed=base + 2)
     for (record, _), rewards in zip(members, truth):
         record |= {"truth_rewards": rewards, "truth": float(np.mean(rewards))}
     return records

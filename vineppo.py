@@ -175,9 +175,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str]) -> list[float]:
-    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0."""
-    return [grade(text, gold) if done else 0.0 for text, done, gold in zip(texts, finished, answers)]
+def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str], questions: list[str]) -> list[float]:
+    """1.0 for a correct final answer, 0.0 otherwise; a response cut by the length limit scores 0. The grader
+    reads the question too: an answer that only hands its calculation back (\\boxed{59 * 100}) scores 0."""
+    return [grade(text, gold, question=q) if done else 0.0
+            for text, done, gold, q in zip(texts, finished, answers, questions)]
 
 
 # "math" style. A math span is one of these, found left to right; an escaped character (`\$` is money, not
@@ -372,11 +374,12 @@ def step_advantages(values: list[float], reward: float) -> list[float]:
 
 def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: list[list[int]],
                     starts: list[list[int]], answers: list[str], k: int, max_new_tokens: int,
-                    temperature: float, top_p: float, seed: int | None) -> tuple[list[list[float]], int]:
+                    temperature: float, top_p: float, seed: int | None,
+                    questions: list[str]) -> tuple[list[list[float]], int]:
     """Monte Carlo values of the states of every response, with identical prefixes sampled once.
 
     starts[b] lists, for response b, the token offsets where its estimated states end (0 = the
-    prompt). Returns V for each of them (the mean reward of k continuations) and the number of distinct
+    prompt); answers[b] and questions[b] are its problem's, for the grader. Returns V for each of them (the mean reward of k continuations) and the number of distinct
     prefixes sampled. Each continuation is generated with exactly the budget its prefix leaves of the
     response's: max_new_tokens minus the prefix's response tokens. One cut by that budget is unfinished
     and scores 0, as the whole response would be.
@@ -390,22 +393,22 @@ def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: l
             row.append(unique.setdefault(key, len(unique)))
         keys.append(row)
     prefixes = list(unique)
-    owner = {}  # prefix index -> (prompt length, gold answer); equal prefixes have equal prompts
+    owner = {}  # prefix index -> (prompt length, gold answer, question); equal prefixes have equal prompts
     for b, row in enumerate(keys):
         for u in row:
-            owner[u] = (len(prompts[b]), answers[b])
+            owner[u] = (len(prompts[b]), answers[b], questions[b])
     # One batched call for all prefixes, each with its own budget: what its response prefix left.
     budgets = [max_new_tokens - (len(p) - owner[u][0]) for u, p in enumerate(prefixes)]
     outs = generator.generate([list(p) for p in prefixes], n=k, max_new_tokens=budgets,
                               temperature=temperature, top_p=top_p, seed=seed)
     means = []
     for u, (prefix, conts) in enumerate(zip(prefixes, outs)):
-        prompt_len, answer = owner[u]
+        prompt_len, answer, question = owner[u]
         response_prefix = list(prefix[prompt_len:])
         rewards = []
         for c in conts:  # unfinished = cut by its budget: 0, as outcome_rewards scores a truncated response
             text = tokenizer.decode(response_prefix + c.token_ids, skip_special_tokens=True)
-            rewards.append(grade(text, answer) if c.finished else 0.0)
+            rewards.append(grade(text, answer, question=question) if c.finished else 0.0)
         means.append(float(np.mean(rewards)))
     return [[means[u] for u in row] for row in keys], len(prefixes)
 
@@ -604,7 +607,9 @@ def main(args: Args) -> None:
 
         # 2.2 Grade: outcome reward on the EOS token, 0 for a truncated response.
         answers = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
-        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers))
+        questions = [p.question for p in problems for _ in range(args.samples_per_prompt)]
+        scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers,
+                                              questions))
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask  # (B, T)
@@ -624,7 +629,7 @@ def main(args: Args) -> None:
         mc_values, num_prefixes = estimate_values(
             generator, tokenizer, [p for p in prompts for _ in range(args.samples_per_prompt)],
             [c.token_ids for c in completions], starts, answers, args.num_mc_rollouts, args.max_new_tokens,
-            args.temperature, args.top_p, seed=args.seed * 100_003 + step + 50_000)
+            args.temperature, args.top_p, seed=args.seed * 100_003 + step + 50_000, questions=questions)
         #   c. step advantages V(s_{i+1}) - V(s_i), last R - V(s_last); states past the cap take V = R
         advantages = torch.zeros_like(mask)  # (B, T)
         all_step_advantages = []

@@ -127,10 +127,10 @@ def make_run_generator(args, policy, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
     """Greedy accuracy on held-out problems, and (question, response, score) for each; a response cut by the
-    length limit scores 0, as in training."""
+    length limit scores 0, and the grader reads the question, as in training."""
     outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
                               max_new_tokens=max_new_tokens, temperature=0.0)
-    scores = [grade(o[0].text, p.answer) if o[0].finished else 0.0 for p, o in zip(problems, outs)]
+    scores = [grade(o[0].text, p.answer, question=p.question) if o[0].finished else 0.0 for p, o in zip(problems, outs)]
     return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
 
 

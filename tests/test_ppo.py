@@ -67,7 +67,7 @@ def test_whiten_matches_loop():
 def test_reward_on_eos_token_and_truncation():
     # Sample 0 finished after 3 tokens (EOS at index 2), sample 1 was truncated at 5 tokens, sample 2 has 1.
     texts = ["\\boxed{4}", "\\boxed{4} and on and on", "\\boxed{5}"]
-    scores = torch.tensor(outcome_rewards(texts, [True, False, True], ["4", "4", "4"]))
+    scores = torch.tensor(outcome_rewards(texts, [True, False, True], ["4", "4", "4"], ["What is 2 + 2?"] * 3))
     assert scores.tolist() == [1.0, 0.0, 0.0]  # the truncated one is right but scores 0
     rewards = place_rewards(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([3, 5, 1]), 5)
     assert rewards.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]]

@@ -76,3 +76,24 @@ def test_resume_of_another_scripts_run_is_one_line(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert last.startswith("error:") and "is not a run of this script" in last, last
+
+
+def test_evaluation_grades_with_the_question():
+    from common.data import Problem
+    from common.generation import Completion
+    from common.run import evaluate
+
+    class Echo:  # answers every prompt with a fixed text
+        def __init__(self, text):
+            self.text = text
+
+        def generate(self, inputs, n=1, **kw):
+            return [[Completion([1, 2], self.text, True)] for _ in inputs]
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, **kw):
+            return [1, 2, 3]
+
+    problems = [Problem("Calculate 59 * 100.", "5900")] * 2
+    assert evaluate(Echo("\\boxed{59 * 100}"), Tokenizer(), problems, 8)[0] == 0.0
+    assert evaluate(Echo("\\boxed{5900}"), Tokenizer(), problems, 8)[0] == 1.0

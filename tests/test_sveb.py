@@ -503,8 +503,10 @@ def test_continuation_rewards_follow_vineppos_rule(tokenizer):
     prompt = list(next(iter(gen.rates)))
     response = tokenizer.encode("2 + 3 = 5. So the answer is", add_special_tokens=False)
     for k in (1, 2, 5):
-        rewards = sveb_eval.continuation_rewards(gen, tokenizer, [prompt], [response[:4]], ["5"], k, 64, 0.7, 1.0, 0)
-        values, _ = estimate_values(gen, tokenizer, [prompt], [response], [[4]], ["5"], k, 64, 0.7, 1.0, 0)
+        rewards = sveb_eval.continuation_rewards(gen, tokenizer, [prompt], [response[:4]], ["5"], ["What is 2 + 3?"], k,
+                                                 64, 0.7, 1.0, 0)
+        values, _ = estimate_values(gen, tokenizer, [prompt], [response], [[4]], ["5"], k, 64, 0.7, 1.0, 0,
+                                    questions=["What is 2 + 3?"])
         assert len(rewards[0]) == k and np.mean(rewards[0]) == pytest.approx(values[0][0])
 
 

@@ -254,3 +254,13 @@ def test_bad_input_is_one_line_and_writes_nothing(script, argv, message, tmp_pat
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+# The reward reads the question: a trainer whose outcome_rewards dropped it would pay a policy for handing the
+# question's calculation back (ppo.py learned `\boxed{59 * 100}` for "What is 59 * 100?" in 30 minutes).
+@pytest.mark.parametrize("script", TRAINERS)
+def test_outcome_rewards_refuse_the_question_handed_back(script):
+    module = importlib.import_module(script[:-3])
+    texts = ["\\boxed{59 * 100}", "\\boxed{59 \\times 100}", "59 * 100 = 5900, so \\boxed{5900}", "\\boxed{5900}"]
+    rewards = module.outcome_rewards(texts, [True] * 4, ["5900"] * 4, ["Calculate 59 * 100."] * 4)
+    assert rewards == [0.0, 0.0, 1.0, 1.0]

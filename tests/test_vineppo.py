@@ -305,7 +305,7 @@ def test_mc_estimate_is_the_mean_reward_and_prefixes_are_sampled_once(tokenizer)
     gen = ScriptedGenerator(tokenizer, script)
     values, num_prefixes = estimate_values(
         gen, tokenizer, [prompt, prompt], [r1, r2], [[0, k1], [0, len(enc("y = 9\n"))]], ["4", "4"], k=4,
-        max_new_tokens=64, temperature=1.0, top_p=1.0, seed=0)
+        max_new_tokens=64, temperature=1.0, top_p=1.0, seed=0, questions=["What is 2 + 2?"] * 2)
     assert values == [[0.75, 0.75], [0.75, 0.25]]
     assert num_prefixes == 3 and len(gen.calls) == 1  # the shared prompt state was sampled once, in one call
     assert sorted(map(len, gen.calls[0])) == sorted(map(len, script))
@@ -332,7 +332,7 @@ def test_each_continuation_gets_exactly_its_own_budget(tokenizer):
     script = {tuple(prompt + response[:s]): [pad(b - n_right), pad(b - n_right + 1)] for s, b in budget.items()}
     gen = ScriptedGenerator(tokenizer, script)
     values, num_prefixes = estimate_values(gen, tokenizer, [prompt], [response], [[0, 1, 3]], ["4"], k=2,
-                                           max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0)
+                                           max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0, questions=[None])
     assert gen.budgets == [{tuple(prompt + response[:s]): b for s, b in budget.items()}]
     assert values == [[0.5, 0.5, 0.5]] and num_prefixes == 3
 
@@ -343,7 +343,7 @@ def test_continuation_past_the_budget_scores_zero(tokenizer):
     cont = "\\boxed{4}" + " pad" * 10
     gen = ScriptedGenerator(tokenizer, {tuple(prompt + response[:1]): [cont]})
     values, _ = estimate_values(gen, tokenizer, [prompt], [response], [[1]], ["4"], k=1,
-                                max_new_tokens=5, temperature=1.0, top_p=1.0, seed=0)
+                                max_new_tokens=5, temperature=1.0, top_p=1.0, seed=0, questions=[None])
     assert values == [[0.0]] and gen.budgets == [{tuple(prompt + response[:1]): 4}]
 
 
@@ -366,7 +366,7 @@ def test_real_generator_gives_each_prefix_its_own_budget(tiny_model, tokenizer):
     prompt = tokenizer("What is 2 + 2?", add_special_tokens=False)["input_ids"]
     response = list(range(100, 110))  # 10 response tokens; states after 0, 2, 5 and 9 of them
     estimate_values(Recording(), tokenizer, [prompt], [response], [[0, 2, 5, 9]], ["4"], k=3, max_new_tokens=12,
-                    temperature=1.0, top_p=1.0, seed=0)
+                    temperature=1.0, top_p=1.0, seed=0, questions=["What is 2 + 2?"])
     assert [budget for _, budget, _ in seen] == [12, 10, 7, 3]
     for ids, budget, conts in seen:
         assert len(conts) == 3
