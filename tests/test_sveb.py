@@ -675,6 +675,8 @@ OUT_OF_RANGE = [
 ]
 if not torch.cuda.is_available():
     OUT_OF_RANGE.append((["--device", "cuda"], "no CUDA device"))
+# vLLM runs on the first visible GPU only, whatever the index says: refused on any machine, GPU or not
+OUT_OF_RANGE.append((["--device", "cuda:1", "--backend", "vllm"], "CUDA_VISIBLE_DEVICES=1 and --device cuda"))
 
 
 @pytest.mark.parametrize("argv,message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])

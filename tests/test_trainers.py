@@ -233,6 +233,8 @@ BAD_FILES = [
     (["--dataset", "nowhere.jsonl"], "does not exist"),
     (["--dataset", "EMPTY"], "is empty"),
     (["--dataset", "what"], "unknown dataset"),
+    # vLLM runs on the first visible GPU only, whatever the index says: refused on any machine, GPU or not
+    (["--device", "cuda:1", "--backend", "vllm"], "CUDA_VISIBLE_DEVICES=1 and --device cuda"),
 ]
 if not torch.cuda.is_available():
     BAD_FILES.append((["--device", "cuda"], "no CUDA device"))
@@ -254,3 +256,20 @@ def test_bad_input_is_one_line_and_writes_nothing(script, argv, message, tmp_pat
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_vllm_on_another_gpu_is_refused_before_the_cuda_check():
+    from common.args import check_device
+
+    for device in ("cuda:1", "cuda:3"):
+        with pytest.raises(SystemExit) as exc:
+            check_device(device, "vllm")
+        message = str(exc.value)
+        assert message.startswith("error: ") and f"CUDA_VISIBLE_DEVICES={device[-1]} and --device cuda" in message
+    check_device("cpu", "vllm")
+    for device in ("cuda", "cuda:0"):  # the first GPU: fine for vLLM wherever CUDA is
+        if torch.cuda.is_available():
+            check_device(device, "vllm")
+        else:
+            with pytest.raises(SystemExit, match="no CUDA device"):
+                check_device(device, "vllm")
