@@ -16,7 +16,8 @@ Departures from the official code (docs/prime_implicit_prm.md gives the reasons)
 - The PRM's accuracy after its update is measured every step (one more PRM forward).
 - KL and ratio safety as VinePPO's code: k3 clamped to [0, 10]; a micro-batch with mean ratio > 10 skipped.
 - One micro-batch partition per step, shared by every pass and epoch (batch invariance).
-- Logits only at response positions, float32 log-softmax in chunks; the reference stays float32 on the CPU.
+- Logits only at response positions, float32 log-softmax in chunks; with the PRM the reference is float32
+  on every device (the PRM's numerics: the token rewards start at exactly 0).
 - Float32 weights under bf16 autocast; sampling from a bf16 copy of the policy (hf) or vLLM.
 - Loss is the token mean over the minibatch (official: the mean of micro-batch token means).
 
