@@ -274,8 +274,9 @@ class VLLMGenerator:
             listed = ", ".join(sorted(unloaded.names)[:5]) + (", ..." if len(unloaded.names) > 5 else "")
             what = f"the weight sync left {len(unloaded.names)} vLLM parameter(s) unloaded ({listed})"
             if not self.on_cpu:
-                raise SystemExit(f"error: {what}: after sleep they hold garbage; this architecture's "
-                                 "checkpoint names do not match vLLM's, use --backend hf")
+                raise SystemExit(f"error: {what}: they would generate from random start-up weights or, after "
+                                 "sleep, from freed memory; this model's parameter names do not all reach vLLM's "
+                                 "loader: use --backend hf")
             if not self.warned:
                 print(f"warning: {what}: they keep the engine's random start-up weights", file=sys.stderr)
                 self.warned = True
