@@ -300,29 +300,41 @@ def hista_group_values(hidden: list[torch.Tensor], prompt_len: int, rewards: lis
     tokens 0, interval, 2 * interval, ... (< T_g); state 0 takes the group mean, the n = ceil(T_g / interval)
     - 1 others the kNN estimate with k from linear_k. Returns the values and, per estimated state, the
     distance to its k-th neighbour.
+
+    The distances from every estimated state of the group to every candidate are gathered in one operation on
+    the device and copied to the CPU once; each state's weighted k-nearest mean (a few numbers) is then taken
+    there, so that a GPU sees one copy per prompt rather than several per state.
     """
-    dev = hidden[0].device
     reps = [state_representation(h, prompt_len, alpha, window) for h in hidden]  # (W_p + ceil(T_g / window), D)
     D = prefix_distances(reps)  # (G, G, L, L)
-    R = torch.tensor(rewards, device=dev)
     lengths = [h.shape[0] - prompt_len for h in hidden]
     prompt_windows = math.ceil(prompt_len / window)
-    cand_g, cand_w = (t.to(dev) for t in candidate_prefixes(lengths, interval, window, prompt_windows))
-    group_mean = float(R.mean())
-    values, kth = [], []
+    cand_g, cand_w = candidate_prefixes(lengths, interval, window, prompt_windows)  # (C,) each
+    # Every estimated state of the group: its rollout, the rows of its prefix, its k.
+    state_g, state_w, state_k = [], [], []
     for g, T in enumerate(lengths):
         starts = list(range(0, T, interval))  # response token where each state (segment) starts
         n = len(starts) - 1  # states estimated: all but the first
-        row = [group_mean]
         for s in range(1, len(starts)):
-            w = prompt_windows + math.ceil(starts[s] / window)  # rows of the state's prefix
-            dist = D[g, cand_g, w - 1, cand_w - 1]  # (num candidates,)
-            dist = torch.where((cand_g == g) & (cand_w > w), torch.full_like(dist, float("inf")), dist)
-            k = linear_k(s - 1, n, k_max, k_min)
-            row.append(knn_value(dist, R[cand_g], k, d_min))
-            finite = dist[torch.isfinite(dist)].clamp(min=d_min)
-            kth.append(float(finite.sort().values[min(k, len(finite)) - 1]))
-        values.append(row)
+            state_g.append(g)
+            state_w.append(prompt_windows + math.ceil(starts[s] / window))  # rows of the state's prefix
+            state_k.append(linear_k(s - 1, n, k_max, k_min))
+    R = torch.tensor(rewards)
+    group_mean = float(R.mean())
+    values, kth = [[group_mean] for _ in hidden], []
+    if not state_g:
+        return values, kth
+    dev = D.device
+    sg, sw = torch.tensor(state_g, device=dev)[:, None], torch.tensor(state_w, device=dev)[:, None]  # (S, 1)
+    cg, cw = cand_g.to(dev)[None, :], cand_w.to(dev)[None, :]  # (1, C)
+    dist = D[sg, cg, sw - 1, cw - 1]  # (S, C): from each state to each candidate
+    # a state's own rollout offers only prefixes no longer than the state
+    dist = torch.where((cg == sg) & (cw > sw), torch.full_like(dist, float("inf")), dist).cpu()
+    candidate_rewards = R[cand_g]  # (C,)
+    for row, g, k in zip(dist, state_g, state_k):
+        values[g].append(knn_value(row, candidate_rewards, k, d_min))
+        finite = row[torch.isfinite(row)].clamp(min=d_min)
+        kth.append(float(finite.sort().values[min(k, len(finite)) - 1]))
     return values, kth
 
 
@@ -507,20 +519,21 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
                 entropies.append(-(logp.exp() * logp).sum(-1))
     extra = []
     if with_entropy:
-        extra.append(torch.cat(entropies).view(logits.shape[:2]).cpu())
+        extra.append(torch.cat(entropies).view(logits.shape[:2]))
     if with_hidden:  # the hidden state at a token's own position summarises the sequence up to it
         extra.append(out.hidden_states[-1].float())
-    logprobs = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    logprobs = torch.cat(pieces).view(logits.shape[:2])  # on the model's device, as everything the loss reads
     return (logprobs, *extra) if extra else logprobs
 
 
 def in_micro_batches(fn, batch: Batch, micro_batches):
     """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
-    put back at their rows; 0 past each micro-batch's own longest response. When `fn` also returns hidden
-    states (b, columns, D), they come back too, as a list of B tensors: row r's (P_r + T_r, D) states at its
-    real tokens (its prompt, then its response), left where `fn` put them (the model's device)."""
-    out = torch.zeros(batch.response_mask.shape)
-    hidden = [None] * out.shape[0]
+    put back at their rows, on the device `fn` gives them on (the model's); 0 past each micro-batch's own
+    longest response. When `fn` also returns hidden states (b, columns, D), they come back too, as a list of B
+    tensors: row r's (P_r + T_r, D) states at its real tokens (its prompt, then its response), on the same
+    device."""
+    out = None
+    hidden = [None] * batch.response_mask.shape[0]
     for rows in micro_batches:
         sub = batch.rows(rows)
         result = fn(sub)
@@ -529,7 +542,10 @@ def in_micro_batches(fn, batch: Batch, micro_batches):
             real = sub.attention_mask.bool().to(states.device)  # (b, columns): the prompt and response tokens
             for i, r in enumerate(rows.tolist()):
                 hidden[r] = states[i][real[i]]
-        out[rows, : result.shape[1]] = result.float()
+        result = result.float()
+        if out is None:
+            out = torch.zeros(batch.response_mask.shape, device=result.device)
+        out[rows, : result.shape[1]] = result
     return out if hidden[0] is None else (out, hidden)
 
 
@@ -558,7 +574,8 @@ def main(args: Args) -> None:
     device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
-    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    # (bf16 weights and bf16 autocast over float32 weights round differently). On a GPU the KL to the
+    # reference therefore starts above 0 (a floor of rounding, docs/hista.md), not at exactly 0.
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     # The reference is loaded only with --kl-coef > 0.
@@ -613,8 +630,8 @@ def main(args: Args) -> None:
         scores = drawn_scores[keep].flatten()  # (B,)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
-        mask = batch.response_mask  # (B, T)
-        lengths = mask.sum(1).long()  # (B,)
+        mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
+        lengths = batch.response_mask.sum(1).long()  # (B,), on the CPU for the estimator's bookkeeping
 
         # 2.3 Hista's own part: old log-probs AND last-layer hidden states from the same forward pass (plus the
         #     reference's log-probs if a KL is asked for), then per-segment advantages.
@@ -638,11 +655,12 @@ def main(args: Args) -> None:
         if args.no_hista:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
             per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
-            advantages = per_sample[:, None] * mask  # (B, T)
+            advantages = per_sample.to(device)[:, None] * mask  # (B, T)
             hista_stats = {}
         else:
             advantages, hista_stats = hista_advantages(hidden, [len(p) for p in prompts], scores, lengths,
                                                        group_scale(std), G, args)
+            advantages = advantages.to(device)  # built on the CPU from the kNN values
             del hidden
         t_hista = time.time() - t0
 
@@ -659,7 +677,7 @@ def main(args: Args) -> None:
                 mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
-                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():

@@ -491,19 +491,22 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
             with torch.no_grad():
                 logp = torch.log_softmax(part.float() / temperature, dim=-1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
-    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    out = torch.cat(pieces).view(logits.shape[:2])  # on the model's device, as everything the loss reads
     if not with_entropy:
         return out
-    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
+    return out, torch.cat(entropies).view(logits.shape[:2])
 
 
 def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
-    put back at their rows; 0 past each micro-batch's own longest response."""
-    out = torch.zeros(batch.response_mask.shape)
+    put back at their rows, on the device `fn` gives them on (the model's); 0 past each micro-batch's own
+    longest response."""
+    out = None
     for rows in micro_batches:
-        result = fn(batch.rows(rows))
-        out[rows, : result.shape[1]] = result.float()
+        result = fn(batch.rows(rows)).float()
+        if out is None:
+            out = torch.zeros(batch.response_mask.shape, device=result.device)
+        out[rows, : result.shape[1]] = result
     return out
 
 
@@ -528,7 +531,8 @@ def main(args: Args) -> None:
     device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
-    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    # (bf16 weights and bf16 autocast over float32 weights round differently). On a GPU the KL to the
+    # reference therefore starts above 0 (a floor of rounding, docs/numca.md), not at exactly 0.
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     # The reference is loaded only with --kl-coef > 0.
@@ -585,7 +589,7 @@ def main(args: Args) -> None:
         scores = drawn_scores[keep].flatten()  # (B,)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
-        mask = batch.response_mask  # (B, T)
+        mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
         lengths = mask.sum(1).long()  # (B,)
 
         # 2.3 Numca's own part: old log-probs (and the reference's), then per-segment advantages.
@@ -607,12 +611,13 @@ def main(args: Args) -> None:
         if args.no_numca:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
             per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
-            advantages = per_sample[:, None] * mask  # (B, T)
+            advantages = per_sample.to(device)[:, None] * mask  # (B, T)
             numca_stats = {}
         else:
             ids = [p.question for p in problems for _ in range(G)]  # prompt id per sample
             advantages, numca_stats = numca_advantages(table, tokenizer, ids, completions, scores, group_scale(std),
                                                        G, args.min_gap_tokens, args.lam)
+            advantages = advantages.to(device)  # built on the CPU from the table
         t_numca = time.time() - t0
 
         # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
@@ -628,7 +633,7 @@ def main(args: Args) -> None:
                 mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
-                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():

@@ -178,8 +178,8 @@ def outcome_rewards(texts: list[str], finished: list[bool], answers: list[str], 
 def place_rewards(scores: torch.Tensor, lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B,) outcome scores -> (B, T) token rewards: the score sits on each response's LAST token (its EOS
     token, or the last token of a truncated response) and never on padding after it."""
-    rewards = torch.zeros(len(scores), num_tokens, dtype=torch.float32)
-    rewards[torch.arange(len(scores)), lengths - 1] = scores.float()
+    rewards = torch.zeros(len(scores), num_tokens, dtype=torch.float32, device=lengths.device)
+    rewards[torch.arange(len(scores), device=lengths.device), lengths - 1] = scores.float().to(lengths.device)
     return rewards
 
 
@@ -192,7 +192,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     values = values * mask
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0])
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(T)):
         next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -263,6 +263,8 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
+        # Under bf16 autocast the head runs in bfloat16 all the same (autocast casts a Linear's input and weight,
+        # whatever their dtype), on the CPU as on a GPU: the values carry bf16's ~3 significant digits.
         return self.head(hidden.float()).squeeze(-1)  # (B, L)
 
 
@@ -335,10 +337,10 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
             with torch.no_grad():
                 logp = torch.log_softmax(part.float() / temperature, dim=-1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
-    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    out = torch.cat(pieces).view(logits.shape[:2])  # on the model's device, as everything the loss reads
     if not with_entropy:
         return out
-    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
+    return out, torch.cat(entropies).view(logits.shape[:2])
 
 
 def critic_values(critic: Critic, batch: Batch) -> torch.Tensor:
@@ -346,16 +348,19 @@ def critic_values(critic: Critic, batch: Batch) -> torch.Tensor:
     dev = critic.head.weight.device
     values = critic(batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev))
     T = batch.response_mask.shape[1]
-    return values[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T].cpu()
+    return values[:, batch.prompt_width - 1 : batch.prompt_width - 1 + T]
 
 
 def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
-    put back at their rows; 0 past each micro-batch's own longest response."""
-    out = torch.zeros(batch.response_mask.shape)
+    put back at their rows, on the device `fn` gives them on (the model's); 0 past each micro-batch's own
+    longest response."""
+    out = None
     for rows in micro_batches:
-        result = fn(batch.rows(rows))
-        out[rows, : result.shape[1]] = result.float()
+        result = fn(batch.rows(rows)).float()
+        if out is None:
+            out = torch.zeros(batch.response_mask.shape, device=result.device)
+        out[rows, : result.shape[1]] = result
     return out
 
 
@@ -376,7 +381,8 @@ def main(args: Args) -> None:
     device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
-    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    # (bf16 weights and bf16 autocast over float32 weights round differently). On a GPU the KL to the
+    # reference therefore starts above 0 (a floor of rounding, docs/ppo.md), not at exactly 0.
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     check_memory(args.model, device, trainable=2, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
@@ -427,7 +433,7 @@ def main(args: Args) -> None:
                                               questions))
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
-        mask = batch.response_mask  # (B, T)
+        mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
         lengths = mask.sum(1).long()  # (B,)
         rewards = place_rewards(scores, lengths, mask.shape[1])  # (B, T)
 
@@ -468,7 +474,7 @@ def main(args: Args) -> None:
                 mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
-                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():

@@ -16,7 +16,8 @@ Departures from the official code (docs/prime_implicit_prm.md gives the reasons)
 - The PRM's accuracy after its update is measured every step (one more PRM forward).
 - KL and ratio safety as VinePPO's code: k3 clamped to [0, 10]; a micro-batch with mean ratio > 10 skipped.
 - One micro-batch partition per step, shared by every pass and epoch (batch invariance).
-- Logits only at response positions, float32 log-softmax in chunks; the reference stays float32 on the CPU.
+- Logits only at response positions, float32 log-softmax in chunks; with the PRM the reference is float32
+  on every device (the PRM's numerics: the token rewards start at exactly 0).
 - Float32 weights under bf16 autocast; sampling from a bf16 copy of the policy (hf) or vLLM.
 - Loss is the token mean over the minibatch (official: the mean of micro-batch token means).
 
@@ -164,7 +165,9 @@ class Args:
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
     ref_on_cpu: bool = False
-    """keep the frozen reference on the CPU (slower; for GPUs short of memory)"""
+    """keep the frozen reference on the CPU (slower; for GPUs short of memory). Its log-probs then come from the
+    CPU's float32 arithmetic, the PRM's from the GPU's bf16 autocast: the process rewards start as rounding
+    noise, not exactly 0"""
 
     # ---- computed at runtime ----
     batch_size: int = 0
@@ -221,7 +224,7 @@ def prm_pairwise_accuracy(implicit_logits: torch.Tensor, scores: torch.Tensor, K
     differ, the share the PRM orders right (implicit outcome log-odds of a above b exactly when a is the
     correct one), pairs weighted by |score difference|; a prompt with equal scores counts 0.5; mean over
     prompts. (B,) log-odds (beta * summed log-ratio) and (B,) scores -> a float in [0, 1]."""
-    logits, s = implicit_logits.view(-1, K), scores.float().view(-1, K)
+    logits, s = implicit_logits.view(-1, K), scores.float().view(-1, K).to(implicit_logits.device)
     a, b = torch.triu_indices(K, K, offset=1)
     logit_diff, score_diff = logits[:, a] - logits[:, b], s[:, a] - s[:, b]  # (num_prompts, K(K-1)/2)
     right = ((logit_diff > 0) == (score_diff > 0)).float() * score_diff.abs()
@@ -267,8 +270,8 @@ def official_prime_rewards(token_rewards: torch.Tensor, scores: torch.Tensor, ma
     normalised = token_rewards / (returns_to_go(token_rewards).abs().max() + 1e-6)
     process = official_leave_one_out(normalised, mask, K)
     last = torch.zeros_like(mask)
-    last[torch.arange(len(mask)), mask.sum(1).long().clamp(min=1) - 1] = 1.0
-    outcome = official_leave_one_out(scores.to(mask.dtype)[:, None] * last, last, K)
+    last[torch.arange(len(mask), device=mask.device), mask.sum(1).long().clamp(min=1) - 1] = 1.0
+    outcome = official_leave_one_out(scores.to(mask.device, mask.dtype)[:, None] * last, last, K)
     return process, outcome
 
 
@@ -452,10 +455,10 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
             with torch.no_grad():
                 logp = torch.log_softmax(part.float() / temperature, dim=-1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
-    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    out = torch.cat(pieces).view(logits.shape[:2])  # on the model's device, as everything the loss reads
     if not with_entropy:
         return out
-    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
+    return out, torch.cat(entropies).view(logits.shape[:2])
 
 
 @torch.no_grad()
@@ -471,17 +474,18 @@ def reference_logprobs(model, batch: Batch, temperatures: tuple[float, ...], chu
     targets = batch.input_ids[:, batch.prompt_width :].reshape(-1).to(dev)  # (B * T,)
     pieces = [torch.stack([token_logprobs(flat[start : start + chunk], targets[start : start + chunk], temp)
                            for temp in temperatures], dim=-1) for start in range(0, flat.shape[0], chunk)]
-    return torch.cat(pieces).view(*logits.shape[:2], len(temperatures)).cpu()
+    return torch.cat(pieces).view(*logits.shape[:2], len(temperatures))
 
 
 def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
-    put back at their rows; 0 past each micro-batch's own longest response. (B, T, n) when fn gives (b, t, n)."""
+    put back at their rows, on the device `fn` gives them on (the model's); 0 past each micro-batch's own
+    longest response. (B, T, n) when fn gives (b, t, n)."""
     out = None
     for rows in micro_batches:
         result = fn(batch.rows(rows)).float()
         if out is None:
-            out = torch.zeros(*batch.response_mask.shape, *result.shape[2:])
+            out = torch.zeros(*batch.response_mask.shape, *result.shape[2:], device=result.device)
         out[rows, : result.shape[1]] = result
     return out
 
@@ -503,7 +507,7 @@ def update_prm(prm, prm_opt, prm_sched, batch: Batch, micro_batches, accumulatio
         rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
         for micro in (micro_batches[i] for i in group):
             sub = batch.rows(micro)
-            m = sub.response_mask
+            m = sub.response_mask.to(mask.device)
             with autocast():
                 prm_logprobs = response_logprobs(prm, sub, 1.0)  # (b, t)
                 loss = prm_ce_loss(prm_logprobs, ref_raw[micro, : m.shape[1]], m, scores[micro], args.beta)
@@ -554,15 +558,18 @@ def main(args: Args) -> None:
     args = resume_args(Args, args)
     check_args(args)
     device, autocast, checkpointing = setup(args)
-    # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
-    # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
-    # (bf16 weights and bf16 autocast over float32 weights round differently).
-    ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
-    # The PRM is loaded (and trained) unless --process-reward-coef 0; the reference with the PRM or a KL term,
-    # and not on the GPU with --ref-on-cpu.
+    # The PRM is loaded (and trained) unless --process-reward-coef 0; the reference with the PRM or a KL term.
     use_prm = args.process_reward_coef != 0
     use_reference = use_prm or args.kl_coef > 0
+    # The frozen reference never trains. With the PRM it is float32 on every device, like the PRM, and runs
+    # under the same autocast, so that at equal weights both give exactly the same log-probs: the token reward
+    # beta * (log pi_prm - log pi_ref) is exactly 0 at step 0. (A bfloat16 reference rounds differently from
+    # float32 weights under autocast; the official pipeline divides the token rewards by the batch's largest
+    # |return|, which would blow that rounding noise up to full size.) Without the PRM, for a KL term only, it
+    # is bfloat16 on a GPU (half the memory; the KL then starts above 0) and float32 on the CPU.
+    ref_dtype = "float32" if use_prm or not device.startswith("cuda") else "bfloat16"
+    # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
+    # The reference does not count against the GPU with --ref-on-cpu.
     check_memory(args.model, device, trainable=1 + int(use_prm),
                  frozen=int(use_reference and not (args.ref_on_cpu and device.startswith("cuda"))),
                  frozen_dtype=ref_dtype, backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization,
@@ -639,10 +646,10 @@ def main(args: Args) -> None:
 
         # 2.2 The batch: B = len(kept) * K samples, prompt-major (sample j of prompt i at row i*K + j).
         completions = [c for _, outs_i, _ in kept for c in outs_i]
-        scores = torch.cat([s for *_, s in kept])  # (B,)
+        scores = torch.cat([s for *_, s in kept]).to(device)  # (B,)
         batch = make_batch([prompt_ids(tokenizer, p.question) for p, _, _ in kept for _ in range(K)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
-        mask = batch.response_mask  # (B, T)
+        mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
         lengths = mask.sum(1).long()  # (B,)
         B = len(scores)
 
@@ -663,7 +670,7 @@ def main(args: Args) -> None:
                 # One forward per micro-batch, two temperatures: T = 1 (raw logits, the official PRM reward's)
                 # and the sampling temperature (the policy's KL).
                 both = in_micro_batches(lambda b: reference_logprobs(reference, b, (1.0, args.temperature)), batch,
-                                        micro_batches) * mask[..., None]  # (B, T, 2)
+                                        micro_batches).to(device) * mask[..., None]  # (B, T, 2); to: --ref-on-cpu
                 ref_raw, ref_logprobs = both.unbind(-1)  # (B, T) each
         t_ref = time.time() - t0
         t0 = time.time()
@@ -708,7 +715,7 @@ def main(args: Args) -> None:
                 rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
-                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():

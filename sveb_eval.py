@@ -23,7 +23,7 @@ Departures from the official code (docs/sveb_eval.md gives the reasons):
 - a response with no space is skipped for the next one; official: cut at its end
 - continuations get what the prefix left of --max-new-tokens; official: the full length each
 - Numca is read from the table directly; official: summed from lambda-0 segment advantages
-- frozen policy bf16 on CUDA, float32 on the CPU; critic and PRM float32 under bf16 autocast
+- frozen policy float32 under bf16 autocast, as the critic and the PRM (official: bf16 weights)
 - extensions: MCS@K and the PRIME row; --population all, --no-train-filters
 
 Docs: docs/sveb_eval.md
@@ -57,7 +57,7 @@ import numca
 import ppo
 import prime_implicit_prm as prime
 import vineppo
-from common.args import check_ranges
+from common.args import check_device, check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.generation import make_generator
 from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
@@ -352,7 +352,7 @@ class CriticOnHidden(nn.Module):
         """(B, L, D) frozen hidden states -> (B, L) values, one per column (the state that ends at that token)."""
         out = self.backbone(inputs_embeds=hidden.to(self.head.weight.dtype), attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.head(out.float()).squeeze(-1)
+        return self.head(out.float()).squeeze(-1)  # under bf16 autocast the head still runs in bfloat16
 
 
 def critic_values(critic: CriticOnHidden, policy, batch: ppo.Batch) -> torch.Tensor:
@@ -513,21 +513,22 @@ def train_prm(prm, reference, rows: list[dict], args: Args, pad_id: int, autocas
     accumulation = max(1, args.prm_minibatch_size // args.micro_batch_size)
     accuracies, losses = [], []
     steps = [s for p in range(args.prm_passes) for s in training_steps(rows, args.prm_batch_size, args.seed + p)]
+    dev = prm.device
     for step_rows in tqdm(steps, desc="PRIME's PRM", dynamic_ncols=True, leave=False):
         batch = prime.make_batch([r["prompt_ids"] for r in step_rows], [r["token_ids"] for r in step_rows], pad_id)
-        mask = batch.response_mask
-        labels = torch.tensor([r["reward"] for r in step_rows])
+        mask = batch.response_mask.to(dev)
+        labels = torch.tensor([r["reward"] for r in step_rows], device=dev)
         micro_batches = torch.randperm(len(step_rows)).split(args.micro_batch_size)
         with torch.no_grad(), autocast():
             ref_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(reference, b, 1.0), batch,
                                             micro_batches) * mask  # (B, T) at T = 1
         prm.train()
-        logits = torch.zeros(len(step_rows))  # (B,) implicit outcome log-odds before each minibatch's step
+        logits = torch.zeros(len(step_rows), device=dev)  # (B,) implicit outcome log-odds before each minibatch's step
         for group in torch.randperm(len(micro_batches)).split(accumulation):
             rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
             for micro in (micro_batches[i] for i in group):
                 sub = batch.rows(micro)
-                m = sub.response_mask
+                m = sub.response_mask.to(dev)
                 with autocast():
                     lp = prime.response_logprobs(prm, sub, 1.0)
                     loss = prime.prm_ce_loss(lp, ref_lp[micro, : m.shape[1]], m, labels[micro], args.beta)
@@ -557,7 +558,7 @@ def prm_state_values(prm, reference, states: list[dict], args: Args, pad_id: int
         prm.eval()
         prm_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(prm, b, 1.0), batch, micro_batches)
         ref_lp = prime.in_micro_batches(lambda b: prime.response_logprobs(reference, b, 1.0), batch, micro_batches)
-    rewards = prime.implicit_process_rewards(prm_lp, ref_lp, prefix, args.beta)
+    rewards = prime.implicit_process_rewards(prm_lp, ref_lp, prefix.to(prm_lp.device), args.beta)
     return torch.sigmoid(rewards.sum(1)).tolist()
 
 
@@ -784,10 +785,11 @@ def evaluate_estimators(args: Args, config: dict, bench: list[dict],
     autocast = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if args.bf16 \
         else contextlib.nullcontext
     checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.startswith("cuda"))
-    # The frozen policy (Hista's hidden states, the critic's inputs, PRIME's reference) never trains: on a GPU
-    # it is kept in bfloat16. On the CPU it stays float32 like the PRM, so that at equal weights the PRM's
-    # log-probs equal the reference's exactly (its value at step 0 is exactly 0.5).
-    frozen_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # The frozen policy (Hista's hidden states, the critic's inputs, PRIME's reference) never trains, and is
+    # float32 under the same autocast on every device: as the PRM, so that at equal weights the PRM's log-probs
+    # equal the reference's exactly (its value before training is exactly 0.5; a bfloat16 copy would start it at
+    # rounding noise), and as the policy whose hidden states hista.py reads in training.
+    frozen_dtype = "float32"
     tokenizer = load_tokenizer(config["model"])
     pad_id = tokenizer.pad_token_id
     policy = load_model(config["model"], dtype=frozen_dtype, device=device).eval().requires_grad_(False)
@@ -1045,8 +1047,7 @@ def check_args(args: Args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
+    check_device(args.device, args.backend)
     unknown = set(args.estimators) - set(ESTIMATORS)
     if unknown:
         raise SystemExit(f"error: unknown estimator(s) {sorted(unknown)}; choose from {list(ESTIMATORS)}")

@@ -518,19 +518,22 @@ def response_logprobs(model, batch: Batch, temperature: float, with_entropy: boo
             with torch.no_grad():
                 logp = torch.log_softmax(part.float() / temperature, dim=-1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
-    out = torch.cat(pieces).view(logits.shape[:2]).cpu()
+    out = torch.cat(pieces).view(logits.shape[:2])  # on the model's device, as everything the loss reads
     if not with_entropy:
         return out
-    return out, torch.cat(entropies).view(logits.shape[:2]).cpu()
+    return out, torch.cat(entropies).view(logits.shape[:2])
 
 
 def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     """(B, T) outputs of `fn` run on each micro-batch (a tensor of row indices) of the step's fixed partition,
-    put back at their rows; 0 past each micro-batch's own longest response."""
-    out = torch.zeros(batch.response_mask.shape)
+    put back at their rows, on the device `fn` gives them on (the model's); 0 past each micro-batch's own
+    longest response."""
+    out = None
     for rows in micro_batches:
-        result = fn(batch.rows(rows))
-        out[rows, : result.shape[1]] = result.float()
+        result = fn(batch.rows(rows)).float()
+        if out is None:
+            out = torch.zeros(batch.response_mask.shape, device=result.device)
+        out[rows, : result.shape[1]] = result
     return out
 
 
@@ -561,7 +564,8 @@ def main(args: Args) -> None:
     device, autocast, checkpointing = setup(args)
     # The frozen reference never trains: on a GPU it is kept in bfloat16 (half the memory). On the CPU it
     # stays float32 like the policy, so that at equal weights it gives exactly the policy's log-probs
-    # (bf16 weights and bf16 autocast over float32 weights round differently).
+    # (bf16 weights and bf16 autocast over float32 weights round differently). On a GPU the KL to the
+    # reference therefore starts above 0 (a floor of rounding, docs/vineppo.md), not at exactly 0.
     ref_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     check_memory(args.model, device, trainable=1, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
@@ -612,7 +616,7 @@ def main(args: Args) -> None:
                                               questions))
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
-        mask = batch.response_mask  # (B, T)
+        mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
         lengths = mask.sum(1).long()  # (B,)
 
         # 2.3 VinePPO's own part: Monte Carlo values at step boundaries, then old and reference log-probs.
@@ -631,7 +635,7 @@ def main(args: Args) -> None:
             [c.token_ids for c in completions], starts, answers, args.num_mc_rollouts, args.max_new_tokens,
             args.temperature, args.top_p, seed=args.seed * 100_003 + step + 50_000, questions=questions)
         #   c. step advantages V(s_{i+1}) - V(s_i), last R - V(s_last); states past the cap take V = R
-        advantages = torch.zeros_like(mask)  # (B, T)
+        advantages = torch.zeros(mask.shape)  # (B, T), filled row by row on the CPU
         all_step_advantages = []
         for b, (token_step, values) in enumerate(zip(token_steps, mc_values)):
             values = values + [float(scores[b])] * (num_steps[b] - len(values))
@@ -640,6 +644,7 @@ def main(args: Args) -> None:
             advantages[b, : len(token_step)] = torch.tensor([adv[i] for i in token_step])
         t_mc = time.time() - t0
         raw_advantages = np.array(all_step_advantages)
+        advantages = advantages.to(device)
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         #   d. old and reference log-probs. The micro-batches are fixed once per step: these no-grad passes
@@ -670,7 +675,7 @@ def main(args: Args) -> None:
                 mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
-                    m = sub.response_mask  # (b, t): the micro-batch trimmed to its longest response
+                    m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
                     cut = lambda x: x[micro, : m.shape[1]]  # noqa: E731  (b, t) slice of a (B, T) tensor
                     weight = m.sum() / mb_tokens
                     with autocast():

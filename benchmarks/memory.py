@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --script ppo --shape qwen2.5-0.5b --micro-batch 1 --response-len 1024
     python benchmarks/memory.py --script vineppo --shape qwen2.5-1.5b --micro-batch 8 --device cuda
+    python benchmarks/memory.py --table     # the README's GPU-scale estimates (check_memory's arithmetic)
 
 The model is built from a config written below (a real architecture, random weights: nothing is downloaded),
 float32 weights as the trainers keep them, bfloat16 autocast as they compute. Each phase runs in a fresh
@@ -13,7 +14,9 @@ process so that memory freed by one phase cannot hide the next one's peak:
   policy's graph is freed before the critic's forward).
 Peak = the phase's high-water mark minus the memory in use just before it: on CUDA from
 torch.cuda.max_memory_allocated, on the CPU from the kernel's resident-set high-water mark (VmHWM, reset
-through /proc/self/clear_refs). The estimate printed beside it is common.models.training_memory_gib's.
+through /proc/self/clear_refs). The estimate printed beside it is common.models.training_memory_gib's
+update-phase part: the bf16 weight copies autocast keeps, the activations and logits, the logits' gradient and
+a float32 log-softmax chunk.
 """
 
 import argparse
@@ -28,7 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.models import training_memory_gib  # noqa: E402
+from common.models import memory_phases, training_memory_gib  # noqa: E402
 
 # Shapes of real models (their config.json values), so that no download is needed.
 SHAPES = {
@@ -38,7 +41,47 @@ SHAPES = {
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
+# What each trainer holds, as its check_memory call says: (trained models, frozen models, bytes per frozen parameter).
+HOLDS = {"ppo.py (policy + critic + bf16 reference)": (2, 1, 2),
+         "prime_implicit_prm.py (policy + PRM + float32 reference)": (2, 1, 4),
+         "vineppo.py (policy + bf16 reference)": (1, 1, 2),
+         "numca.py, hista.py (policy; no reference at KL 0)": (1, 0, 2)}
+
+
+def shape_of(name: str) -> dict:
+    """training_memory_gib's shape of SHAPES[name], from its config on the meta device (nothing allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return {"params": params, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
+            "layers": config.num_hidden_layers, "vocab": config.vocab_size}
+
+
+def estimate_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int = 8, prompt_len: int = 256,
+                   response_len: int = 1024) -> str:
+    """The README's table: check_memory's estimate (update / generation phase, GiB) of each trainer with
+    --backend vllm and gradient checkpointing on, on a GPU of total_gib (an H100 80GB: 79.2 GiB)."""
+    names = ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"]
+    shapes = {n: shape_of(n) for n in names}
+    lines = ["| script | " + " | ".join(f"{n.split('-')[1].upper()}: update / generation (GiB)" for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for label, (trainable, frozen, frozen_bytes) in HOLDS.items():
+        cells = []
+        for n in names:
+            parts = training_memory_gib(shapes[n], trainable, frozen, frozen_bytes, 0, micro_batch,
+                                        prompt_len + response_len, response_len, True)
+            p = memory_phases(parts, cuda=True, vllm_gib=share * total_gib)
+            verdict = ": refused" if p["need"] > total_gib else (": within the margin" if p["need"] * 1.15 > total_gib
+                                                                 else "")
+            cells.append(f"{p['update']:.1f} / {p['generation']:.1f}{verdict}")
+        lines.append(f"| `{label.split(' (')[0]}` ({label.split(' (')[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def build(shape: str, device: str, checkpointing: bool):
@@ -92,21 +135,22 @@ def run_phase(args) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
     t0 = time.time()
-    mask = batch.response_mask
+    mask = batch.response_mask.to(device)  # the trainers keep log-probs, values and the loss on the device
     if args.phase == "nograd":
         with torch.no_grad(), autocast:
             algo.response_logprobs(model, batch, 0.6)
     elif args.phase == "update":
-        old = torch.zeros(B, T)
+        old = torch.zeros(B, T, device=device)
         with autocast:
             logprobs, entropy = algo.response_logprobs(model, batch, 0.6, with_entropy=True)
-            out = algo.ppo_policy_loss(logprobs, old, torch.ones(B, T), mask, *args.clip)
+            out = algo.ppo_policy_loss(logprobs, old, torch.ones(B, T, device=device), mask, *args.clip)
             loss = out[0] + 1e-4 * algo.kl_k3(logprobs, old, mask).sum(1).mean()
         loss.backward()
     else:
         with autocast:
             values = algo.critic_values(model, batch)
-            loss = algo.ppo_value_loss(values, torch.zeros(B, T), torch.ones(B, T), mask, 0.2)
+            loss = algo.ppo_value_loss(values, torch.zeros(B, T, device=device), torch.ones(B, T, device=device), mask,
+                                       0.2)
         loss.backward()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -127,7 +171,11 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--phases", nargs="+", default=None, help="default: nograd update (+ critic for ppo)")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase, print JSON
+    parser.add_argument("--table", action="store_true", help="print the README's GPU-scale estimate table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(estimate_table())
+        return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu")
     # DAPO scripts take (eps_low, eps_high), the others one eps.
@@ -137,21 +185,18 @@ def main() -> None:
         return
 
     phases = args.phases or (["nograd", "update"] + (["critic"] if args.script == "ppo" else []))
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(SHAPES[args.shape])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    shape = {"params": params, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
-             "layers": config.num_hidden_layers, "vocab": config.vocab_size}
-    estimate = training_memory_gib(shape, 0, 0, 0, 0, args.micro_batch, args.prompt_len + args.response_len,
-                                   args.response_len, args.gradient_checkpointing)["activations"]
+    shape = shape_of(args.shape)
+    params = shape["params"]
+    parts = training_memory_gib(shape, 1, 0, 0, 0, args.micro_batch, args.prompt_len + args.response_len,
+                                args.response_len, args.gradient_checkpointing)
+    estimate = parts["autocast"] + parts["activations"] + parts["logits_grad"]
     tokens = args.micro_batch * (args.prompt_len + args.response_len)
     print(f"{args.script} on {args.shape} ({params / 1e6:.0f}M parameters), {args.device}, micro-batch "
           f"{args.micro_batch} x ({args.prompt_len} + {args.response_len}) tokens, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}")
-    print(f"weights (float32) {params * 4 / 2**30:.2f} GiB; estimated update activations {estimate:.2f} GiB")
+    print(f"weights (float32) {params * 4 / 2**30:.2f} GiB; estimated update phase {estimate:.2f} GiB (autocast's "
+          f"weight copies {parts['autocast']:.2f}, activations and logits {parts['activations']:.2f}, the logits' "
+          f"gradient and a log-softmax chunk {parts['logits_grad']:.2f})")
     for phase in phases:
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--phase", phase]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -26,3 +26,19 @@ def check_ranges(args, rules: dict[str, list[str]]) -> None:
             value = getattr(args, name)
             if value is not None and not RULES[rule](value):
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be {rule} (got {value})")
+
+
+def check_device(device: str, backend: str) -> None:
+    """A --device this machine can run, with this --backend: CUDA present when asked for, and vLLM on the
+    first visible GPU only. vLLM ignores a device index (it runs on cuda:0; the weight sync would then copy
+    across GPUs and the memory check read the other card), and CUDA_VISIBLE_DEVICES cannot be changed once
+    torch has started CUDA, so GPU N is chosen before the process starts."""
+    index = device.partition(":")[2]
+    if backend == "vllm" and device.startswith("cuda") and index not in ("", "0"):
+        raise SystemExit(f"error: --backend vllm runs on the first visible GPU only, not {device}: run with "
+                         f"CUDA_VISIBLE_DEVICES={index} and --device cuda")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")

@@ -26,8 +26,9 @@ token is kept: the outcome reward sits on it.
   repacked its weights for the CPU kernels. The prefix cache is reset afterwards: its keys/values were
   computed with the old weights. The engine starts from random weights and make_generator sends the
   policy's at once. On a GPU, `sleep()` frees the engine's weights and KV cache (sleep level 2) for the
-  update, and `sync_weights` wakes it. vLLM ignores `generate`'s seed (see there): its samples are
-  reproducible per run, not per call. vLLM is imported only here, only when chosen.
+  update, and `sync_weights` wakes it; a sync that leaves any engine parameter without new weights stops
+  the run on a GPU (see there). vLLM ignores `generate`'s seed (see there): its samples are reproducible
+  per run, not per call. vLLM is imported only here, only when chosen.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +165,30 @@ def _repack_lm_heads(model) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+class UnloadedWeights(logging.Handler):
+    """While active, collects the parameter names of vLLM's "Following weights were not loaded from
+    checkpoint: {names}" warning, from whichever of vLLM's modules logs it (vLLM 0.32: reload.inplace; other
+    releases log it from the model runner). vLLM's loggers hand their records up to the "vllm" logger."""
+
+    MESSAGE = "Following weights were not loaded from checkpoint"
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.names: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith(self.MESSAGE):
+            found = record.args[0] if isinstance(record.args, tuple) and record.args else record.getMessage()
+            self.names |= set(found) if isinstance(found, (set, frozenset, list, tuple)) else {str(found)}
+
+    def __enter__(self) -> "UnloadedWeights":
+        logging.getLogger("vllm").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("vllm").removeHandler(self)
+
+
 class VLLMGenerator:
     def __init__(self, model_path: str, tokenizer, eos_ids: set[int], context_len: int | None,
                  dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
@@ -186,14 +212,18 @@ class VLLMGenerator:
         self.can_sleep = current_platform.is_sleep_mode_available()
         self.on_cpu = current_platform.is_cpu()
         self.asleep = False
+        self.warned = False  # the CPU's warning about unloaded parameters, once
         if self.can_sleep:
             memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
             gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB))
             memory = dict(kv_cache_memory_bytes=int(gib * 2**30))
         # vLLM's CPU worker sets torch to one thread and replaces torch.set_num_threads with a no-op for
-        # the rest of the process. The policy trains in this process too: give it back the user's threads
-        # (vLLM's CPU kernels then also use them).
+        # the rest of the process. The policy trains in this process too: on the CPU, give it back the
+        # user's threads (vLLM's CPU kernels then also use them). On a GPU vLLM's one thread is deliberate
+        # (the CPU only feeds the GPU) and is kept.
+        # Building the engine also seeds Python's, NumPy's and torch's global generators with `seed` (vLLM's
+        # set_random_seed): what the trainer draws afterwards differs from an hf-backend run of the same seed.
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = LLM(
@@ -206,11 +236,12 @@ class VLLMGenerator:
             )
         finally:
             torch.set_num_threads = set_num_threads
-            torch.set_num_threads(threads)
+            if self.on_cpu:
+                torch.set_num_threads(threads)
         # Quiet what vLLM logs at every sync (set after LLM(), which configures vLLM's logging): "Failed to
         # load weights" for the layers that have none of their own (the rotary embedding, a head tied to the
-        # embeddings: expected, vLLM keeps their tensors), timings and "reset prefix cache". A weight the
-        # sync missed is still reported, as a warning of reload.inplace.
+        # embeddings: expected, vLLM keeps their tensors), timings and "reset prefix cache". A parameter the
+        # sync missed is caught by sync_weights itself (see there), not by reading these logs.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
         logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
@@ -224,12 +255,31 @@ class VLLMGenerator:
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
+        """Send `model`'s weights to the engine (waking it first if asleep). Every engine parameter must
+        receive one: after sleep level 2 a parameter the sync does not send holds whatever the freshly mapped
+        memory held, and at start-up the engine's random weights. vLLM's reload_weights names such parameters
+        in one warning ("Following weights were not loaded from checkpoint: {...}"); it is caught here: on a
+        GPU the run stops with a one-line error, on the CPU (nothing freed, but the random start-up weights
+        stay) a one-line warning names them."""
         if self.asleep:
+            # The update's activations sit in torch's cache as free blocks that vLLM cannot use: give them back.
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])  # KV cache after the load: more room for its temporaries
         # Checkpoint-format names and shapes (q/k/v separate, ...): vLLM fuses, shards and repacks them
         # itself. Tied weights appear once in named_parameters and vLLM ties them again.
         weights = ((name, p.detach().to(self.dtype)) for name, p in model.named_parameters())
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+        with UnloadedWeights() as unloaded:
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+        if unloaded.names:
+            listed = ", ".join(sorted(unloaded.names)[:5]) + (", ..." if len(unloaded.names) > 5 else "")
+            what = f"the weight sync left {len(unloaded.names)} vLLM parameter(s) unloaded ({listed})"
+            if not self.on_cpu:
+                raise SystemExit(f"error: {what}: they would generate from random start-up weights or, after "
+                                 "sleep, from freed memory; this model's parameter names do not all reach vLLM's "
+                                 "loader: use --backend hf")
+            if not self.warned:
+                print(f"warning: {what}: they keep the engine's random start-up weights", file=sys.stderr)
+                self.warned = True
         if self.on_cpu:
             self.llm.apply_model(_repack_lm_heads)
         if self.asleep:
@@ -243,8 +293,11 @@ class VLLMGenerator:
 
         `seed` is not used: vLLM's CPU build fails on per-request seeds once a prompt's prefill is split
         across engine steps (it rewinds the random generator, which only CUDA generators support). The
-        engine is seeded once (make_generator's seed) and samples from the process's torch generator, so a
-        whole run is reproducible, a single call on its own is not."""
+        engine is seeded once (make_generator's seed, which also reseeds the process's Python, NumPy and
+        torch generators) and then samples from the process's global generators: torch's on the CPU; on
+        CUDA its sampling seeds come from NumPy's. The trainer draws from the same generators (its
+        micro-batch shuffles), so a whole run is reproducible, a single call on its own is not, and a vllm
+        run and an hf run of the same seed draw differently."""
         from vllm import SamplingParams, TokensPrompt
 
         if self.asleep:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -182,52 +183,115 @@ def model_shape(name: str) -> dict:
             "layers": text.num_hidden_layers, "vocab": text.vocab_size}
 
 
+# Allowances for what no formula in bytes per parameter or per token gives (planning figures, not measured
+# on a GPU yet: benchmarks/gpu_check.py measures the total against the estimate where a GPU is available).
+CUDA_CONTEXT_GIB = 0.6  # the CUDA context and the kernels torch and its libraries load (outside torch's counters)
+VLLM_ASLEEP_GIB = 1.0  # what vLLM keeps on the GPU while asleep (sleep level 2): its CUDA graphs' memory pools,
+#                        the engine's persistent buffers; its weights and KV cache are freed
+ALLOCATOR_OVERHEAD = 0.10  # torch's caching allocator reserves more than its short-lived tensors use (splits,
+#                            rounding); the long-lived ones (weights, moments) are large single blocks
+MEMORY_MARGIN = 0.15  # the estimate's own margin: the activation formula is within ~15% of benchmarks/memory.py's
+#                       measurements (CPU); the allowances above are unmeasured on a GPU
+LOGSOFTMAX_CHUNK = 256  # positions per float32 log-softmax chunk (the trainers' response_logprobs default)
+
+
 def training_memory_gib(shape: dict, trainable: int, frozen: int, frozen_bytes: int, sampler_bytes: int,
                         micro_batch: int, seq_len: int, response_len: int, checkpointing: bool) -> dict[str, float]:
-    """Estimated peak memory of one training process, by part, in GiB (a planning figure, not a bound).
+    """Estimated memory of one training process by part, in GiB (a planning figure, not a bound), before
+    the allowances check_memory adds (CUDA context, vLLM, the allocator's overhead).
 
-    - `trainable` models: 16 bytes per parameter (float32 weights, gradients, AdamW's two moments);
-    - `frozen` models (the reference): `frozen_bytes` per parameter (2 in bfloat16, 4 in float32);
-    - the sampler: `sampler_bytes` per parameter (the hf backend's bfloat16 copy: 2; vLLM: its reserve, apart);
-    - activations of one update micro-batch under bfloat16 autocast: per token and layer about
-      30 x hidden + 10 x intermediate bytes (float32 residual stream, bf16 projections and MLP; within ~15% of
-      benchmarks/memory.py's measurements), of which gradient checkpointing keeps only the 4 x hidden layer
-      inputs plus one layer's worth; and the bf16 logits at response positions (2 x vocab bytes per token).
+    Held for the whole run:
+    - `trainable`: 12 bytes per parameter of each trained model (float32 weights, AdamW's two moments);
+    - `frozen`: `frozen_bytes` per parameter of each frozen model (the reference: 2 in bfloat16, 4 in float32);
+    - `sampler`: `sampler_bytes` per parameter (the hf backend's bfloat16 copy: 2; vLLM: its own share, apart).
+    Held from a step's first backward to its last optimizer step (zero_grad(set_to_none=True) frees them):
+    - `gradients`: 4 bytes per parameter of each trained model (float32).
+    Held while one micro-batch of one trained model goes forward and backward (the models take turns):
+    - `autocast`: the bfloat16 copies autocast makes of that model's float32 weights and keeps for the backward
+      (2 bytes per parameter);
+    - `activations`: per token and layer about 30 x hidden + 10 x intermediate bytes (float32 residual stream,
+      bf16 projections and MLP; within ~15% of benchmarks/memory.py's measurements), of which gradient
+      checkpointing keeps only the 4 x hidden layer inputs plus one layer's worth; and the bf16 logits at
+      response positions (2 x vocab bytes per token);
+    - `logits_grad`: the logits' gradient in the backward (2 x vocab bytes per response token) and one float32
+      log-softmax chunk being recomputed, with its exponentials and gradient (3 x 4 x vocab bytes per position).
+    Held during the optimizer step, when the micro-batches' memory is free again:
+    - `optimizer_step`: AdamW's temporaries (torch's foreach implementation: one float32 copy of the model).
     """
     gib = 2**30
     tokens = micro_batch * seq_len
     per_layer = 30 * shape["hidden"] + 10 * shape["intermediate"]
     layers = 4 * shape["hidden"] * shape["layers"] + per_layer if checkpointing else per_layer * shape["layers"]
+    response_tokens = micro_batch * response_len
     return {
-        "trainable": trainable * 16 * shape["params"] / gib,
+        "trainable": trainable * 12 * shape["params"] / gib,
+        "gradients": trainable * 4 * shape["params"] / gib,
         "frozen": frozen * frozen_bytes * shape["params"] / gib,
         "sampler": sampler_bytes * shape["params"] / gib,
-        "activations": (tokens * layers + micro_batch * response_len * 2 * shape["vocab"]) / gib,
+        "autocast": (2 * shape["params"] if trainable else 0) / gib,
+        "activations": (tokens * layers + response_tokens * 2 * shape["vocab"]) / gib,
+        "logits_grad": (response_tokens * 2 * shape["vocab"]
+                        + 3 * 4 * min(LOGSOFTMAX_CHUNK, response_tokens) * shape["vocab"]) / gib,
+        "optimizer_step": (4 * shape["params"] if trainable else 0) / gib,
     }
+
+
+def memory_phases(parts: dict[str, float], cuda: bool, vllm_gib: float = 0.0) -> dict[str, float]:
+    """The estimate's total at each phase of a step, in GiB, from training_memory_gib's parts; `vllm_gib`: vLLM's
+    share when awake (0 for the hf backend). The update holds the gradients and either a micro-batch's memory or
+    the optimizer step's; generation holds neither (vLLM wakes after the update, when the gradients are freed and
+    the generator has emptied torch's cache). On CUDA the allowances are added: the CUDA context, the caching
+    allocator's overhead on the short-lived tensors, and with vLLM what it keeps while asleep.
+    Returns {"update", "generation", "need"}: need is the larger of the two."""
+    held = parts["trainable"] + parts["frozen"] + parts["sampler"]
+    transient = max(parts["autocast"] + parts["activations"] + parts["logits_grad"], parts["optimizer_step"])
+    update, generation = held + parts["gradients"] + transient, held
+    if cuda:
+        asleep = VLLM_ASLEEP_GIB if vllm_gib else 0.0
+        update += ALLOCATOR_OVERHEAD * transient + asleep + CUDA_CONTEXT_GIB
+        generation += vllm_gib + CUDA_CONTEXT_GIB
+    return {"update": update, "generation": generation, "need": max(update, generation)}
+
+
+def device_memory_gib(device: str) -> float:
+    """The memory of `device` in GiB: the GPU's (the card `device` names: cuda = the current one), or the
+    machine's for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def check_memory(name: str, device: str, *, trainable: int, frozen: int, frozen_dtype: str, backend: str,
                  vllm_share: float, micro_batch: int, max_new_tokens: int, checkpointing: bool,
-                 prompt_len: int = 256) -> None:
+                 prompt_len: int = 256) -> dict:
     """Refuse, before any weight is loaded, a run whose estimated memory exceeds the device's total
     (for example full fine-tuning of a 7B model with a critic on one 80 GB GPU), with a one-line error that
-    says what to change. Prompts are assumed to be `prompt_len` tokens long."""
+    says what to change; warn when the estimate is within its own margin (MEMORY_MARGIN) of the total.
+    Prompts are assumed to be `prompt_len` tokens long. Returns the estimate: {"parts", "update", "generation",
+    "need", "total"} in GiB."""
     shape = model_shape(name)
     parts = training_memory_gib(shape, trainable, frozen, 2 if frozen_dtype == "bfloat16" else 4,
                                 2 if backend == "hf" else 0, micro_batch, prompt_len + max_new_tokens,
                                 max_new_tokens, checkpointing)
-    if device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
-        if backend == "vllm":
-            parts["vllm"] = vllm_share * total
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    # vLLM sleeps (frees its share) during the update, so its share and the activations never coexist.
-    need = parts["trainable"] + parts["frozen"] + parts["sampler"] + max(parts["activations"], parts.get("vllm", 0))
+    total = device_memory_gib(device)
+    cuda = device.startswith("cuda")
+    vllm_gib = vllm_share * total if cuda and backend == "vllm" else 0.0
+    phases = memory_phases(parts, cuda, vllm_gib)
+    need = phases["need"]
+    detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v >= 0.05)
+    if vllm_gib:
+        detail += f", vllm {vllm_gib:.1f}"
+    hint = "lower --micro-batch-size or --max-new-tokens"
+    if not checkpointing:
+        hint += ", use --gradient-checkpointing on"
+    if backend == "vllm" and cuda:
+        hint += ", lower --vllm-gpu-memory-utilization"
     if need > total:
-        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v >= 0.05)
-        hint = "lower --micro-batch-size or --max-new-tokens"
-        if not checkpointing:
-            hint += ", use --gradient-checkpointing on"
-        raise ModelLoadError(f"this run needs about {need:.0f} GiB ({detail}) but {device} has {total:.0f} GiB: "
-                             f"{hint}, or choose a smaller model ({shape['params'] / 1e9:.2f}B parameters here)")
+        raise ModelLoadError(f"this run needs about {need:.0f} GiB (an estimate, ±{MEMORY_MARGIN:.0%}; {detail}) but "
+                             f"{device} has {total:.0f} GiB: {hint}, or choose a smaller model "
+                             f"({shape['params'] / 1e9:.2f}B parameters here)")
+    if need * (1 + MEMORY_MARGIN) > total:
+        print(f"warning: this run needs about {need:.0f} GiB of {device}'s {total:.0f} GiB, within the estimate's "
+              f"±{MEMORY_MARGIN:.0%} margin: it may run out of memory ({detail}); if it does: {hint}",
+              file=sys.stderr)
+    return {"parts": parts, **phases, "total": total}

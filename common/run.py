@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.args import check_ranges
+from common.args import check_device, check_ranges
 from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import prompt_ids
 from common.generation import make_generator
@@ -90,8 +90,7 @@ def check_shared_args(args) -> None:
     if args.max_new_tokens is None:
         generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
         args.max_new_tokens = 128 if generated else 512
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch build sees no CUDA device: use --device cpu (or auto)")
+    check_device(args.device, args.backend)
     if args.track:
         try:
             import wandb  # noqa: F401

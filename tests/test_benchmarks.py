@@ -1,4 +1,5 @@
-"""benchmarks/compare.py (runs, skips, restarts) and benchmarks/report.py (its arithmetic, by hand)."""
+"""benchmarks/compare.py (runs, skips, restarts), benchmarks/report.py (its arithmetic, by hand) and
+benchmarks/gpu_check.py (its verdicts, and its CPU smoke mode end to end)."""
 
 import json
 import math
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -186,3 +188,66 @@ def test_compare_bad_flags_are_one_line(argv, message, tmp_path):
     proc = run_compare(tmp_path, *argv)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())
+
+
+# ---- gpu_check.py: its verdicts on made-up runs, and its CPU smoke mode for real ----
+import gpu_check  # noqa: E402
+
+
+def made_up_run(returncode=0, steps=2, **metrics):
+    record = {"step": 1, "charts/step_time": 1.0, "losses/policy_loss": 0.1, "losses/approx_kl": 0.0,
+              "losses/clipfrac": 0.0, **metrics}
+    return {"returncode": returncode, "error": "error: boom", "steps": steps, "child": {},
+            "records": [{"step": 0, "eval_accuracy": 0.0}] + [{**record, "step": s} for s in range(1, steps + 1)]}
+
+
+def test_gpu_check_verdicts():
+    assert gpu_check.trainer_row("ppo.py", made_up_run(**{"losses/explained_variance": math.nan}))[1] == "pass"
+    assert gpu_check.trainer_row("ppo.py", made_up_run(**{"losses/value_loss": math.nan}))[1] == "FAIL"
+    assert gpu_check.trainer_row("ppo.py", made_up_run(returncode=1))[1:] == ("FAIL", "exit 1: error: boom")
+    assert gpu_check.trainer_row("ppo.py", {**made_up_run(), "steps": 3})[1] == "FAIL"  # a step missing
+    # the ratio: exactly 1, on every device
+    frozen = made_up_run(steps=1, **{"losses/kl_ref_k3": 0.0, "losses/kl_ref_k1": 0.0})
+    assert gpu_check.unchanged_weights_row("ppo.py", frozen, cuda=True)[1] == "pass"
+    off = made_up_run(steps=1, **{"losses/approx_kl": 1e-12, "losses/kl_ref_k3": 0.0})
+    assert gpu_check.unchanged_weights_row("ppo.py", off, cuda=True)[1] == "FAIL"
+    # the KL to the reference: a floor for a bf16 reference on CUDA, exactly 0 for PRIME's and on the CPU
+    floor = made_up_run(steps=1, **{"losses/kl_ref_k3": 3e-4, "losses/kl_ref_k1": 2e-3})
+    row = gpu_check.unchanged_weights_row("ppo.py", floor, cuda=True)
+    assert row[1] == "pass" and "floor" in row[2] and "0.0003" in row[2]
+    assert gpu_check.unchanged_weights_row("prime_implicit_prm.py", floor, cuda=True)[1] == "FAIL"
+    assert gpu_check.unchanged_weights_row("ppo.py", floor, cuda=False)[1] == "FAIL"
+    # memory: the peak (torch's reserved + what was in use before torch) within the estimate
+    child = {"estimate": {"need": 10.0}, "peak_reserved_gib": 9.0, "peak_allocated_gib": 8.0, "before_torch_gib": 0.5}
+    assert gpu_check.memory_row("ppo.py", {"child": child}, cuda=True)[1] == "pass"
+    assert gpu_check.memory_row("ppo.py", {"child": {**child, "before_torch_gib": 1.5}}, cuda=True)[1] == "FAIL"
+    assert gpu_check.memory_row("ppo.py", {"child": {}}, cuda=True)[1] == "FAIL"
+    assert gpu_check.memory_row("ppo.py", {"child": {**child, "peak_rss_gib": 0.5}}, cuda=False)[1] == "skip"
+    assert gpu_check.exit_status([("a", "pass", ""), ("b", "skip", "")]) == 0
+    assert gpu_check.exit_status([("a", "pass", ""), ("b", "FAIL", "")]) == 1
+
+
+def test_gpu_check_smoke_on_the_cpu(tmp_path):
+    """The CPU smoke mode end to end: every trainer 2 steps and 1 step at learning rate 0, through the same code
+    the GPU mode runs; what needs CUDA (or vLLM, where it is missing) is skipped, with the reason."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("  ")[0]: line.split("  ", 1)[1].split() for line in proc.stdout.splitlines()
+            if line.startswith(("trainer ", "memory ", "unchanged weights ", "vllm "))}
+    for script in gpu_check.SCRIPTS:
+        assert rows[f"trainer {script}"][0] == "pass" and rows[f"unchanged weights {script}"][0] == "pass"
+        assert rows[f"memory {script}"][0] == "skip"
+    assert "skipped: memory against the estimate, vLLM's sleep mode: no CUDA device" in proc.stdout
+    if gpu_check.vllm_missing():
+        assert "skipped: the vLLM cycle: " in proc.stdout and not any(r.startswith("vllm") for r in rows)
+    else:
+        assert all(v[0] == "pass" for r, v in rows.items() if r.startswith("vllm"))
+    assert proc.stdout.strip().splitlines()[-1].startswith("all checks passed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_check_without_cuda_says_what_to_run():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip() == ("error: this torch sees no CUDA device: run python "
+                                                            "benchmarks/gpu_check.py --device cpu --smoke")

@@ -147,3 +147,77 @@ def test_sleep_is_a_no_op_for_hf(tiny_model, tokenizer):
     gen.sleep()
     gen.sync_weights(tiny_model)
     assert gen.generate(PROMPTS, n=1, max_new_tokens=5, temperature=0.0) == before
+
+
+# ---- The vLLM weight sync's check that every engine parameter was loaded, with a stand-in engine ----
+class FakeEngine:
+    """Stands in for vllm.LLM: records the calls sync_weights makes; its reload_weights logs vLLM's warning
+    for the parameters in `unloaded`, from the logger vLLM 0.32 uses."""
+
+    def __init__(self, unloaded=()):
+        self.unloaded, self.calls, self.received = set(unloaded), [], {}
+
+    def collective_rpc(self, method, kwargs):
+        import logging
+
+        self.calls.append(method)
+        self.received = {name: t for name, t in kwargs["weights_iterator"]}
+        logger = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+        logger.warning("some other warning: %s", {"not.a.weight"})
+        if self.unloaded:
+            logger.warning("Following weights were not loaded from checkpoint: %s", self.unloaded)
+
+    def wake_up(self, tags):
+        self.calls.append(f"wake_up {tags[0]}")
+
+    def apply_model(self, fn):
+        self.calls.append("apply_model")
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+def fake_vllm_generator(engine, on_cpu: bool):
+    from common.generation import VLLMGenerator
+
+    gen = VLLMGenerator.__new__(VLLMGenerator)  # no engine start: the attributes sync_weights reads
+    gen.llm, gen.dtype, gen.on_cpu, gen.can_sleep = engine, torch.bfloat16, on_cpu, not on_cpu
+    gen.asleep = gen.warned = False
+    return gen
+
+
+def test_vllm_sync_with_an_unloaded_parameter_stops_on_a_gpu(tiny_model):
+    import logging
+
+    handlers = list(logging.getLogger("vllm").handlers)
+    engine = FakeEngine(unloaded={"model.layers.0.mlp.gate_up_proj.weight"})
+    gen = fake_vllm_generator(engine, on_cpu=False)
+    gen.asleep = True  # as after the update: woken first
+    with pytest.raises(SystemExit) as exc:
+        gen.sync_weights(tiny_model)
+    message = str(exc.value)
+    assert message.startswith("error: ") and "\n" not in message and "gate_up_proj" in message
+    assert "not.a.weight" not in message  # only vLLM's unloaded-weights warning counts
+    assert engine.calls == ["wake_up weights", "reload_weights"]
+    assert logging.getLogger("vllm").handlers == handlers  # the listener is gone after the sync
+
+
+def test_vllm_sync_that_loads_everything_goes_on(tiny_model):
+    engine = FakeEngine()
+    gen = fake_vllm_generator(engine, on_cpu=False)
+    gen.asleep = True
+    gen.sync_weights(tiny_model)
+    assert engine.calls == ["wake_up weights", "reload_weights", "wake_up kv_cache", "reset_prefix_cache"]
+    assert not gen.asleep
+    assert set(engine.received) == {n for n, _ in tiny_model.named_parameters()}
+    assert all(t.dtype == torch.bfloat16 for t in engine.received.values())
+
+
+def test_vllm_sync_with_an_unloaded_parameter_warns_once_on_the_cpu(tiny_model, capsys):
+    engine = FakeEngine(unloaded={"lm_head.weight"})
+    gen = fake_vllm_generator(engine, on_cpu=True)
+    gen.sync_weights(tiny_model)
+    gen.sync_weights(tiny_model)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(err) == 1 and "lm_head.weight" in err[0]
+    assert engine.calls.count("apply_model") == 2 and engine.calls[-1] == "reset_prefix_cache"

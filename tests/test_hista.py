@@ -202,6 +202,45 @@ def test_group_values_match_a_naive_loop():
             assert len(kth) == sum(math.ceil(T / 4) - 1 for T in lengths)
 
 
+def per_state_group_values(hidden, prompt_len, rewards, interval, alpha, window, k_max, k_min, d_min):
+    """hista_group_values as it was before its states were batched: one distance gather, one knn_value and one
+    k-th-neighbour read per state, on the distances' device."""
+    reps = [state_representation(h, prompt_len, alpha, window) for h in hidden]
+    D = prefix_distances(reps)
+    R = torch.tensor(rewards)
+    lengths = [h.shape[0] - prompt_len for h in hidden]
+    wp = math.ceil(prompt_len / window)
+    cand_g, cand_w = candidate_prefixes(lengths, interval, window, wp)
+    values, kth = [], []
+    for g, T in enumerate(lengths):
+        starts = list(range(0, T, interval))
+        n = len(starts) - 1
+        row = [float(R.mean())]
+        for s in range(1, len(starts)):
+            w = wp + math.ceil(starts[s] / window)
+            dist = D[g, cand_g, w - 1, cand_w - 1]
+            dist = torch.where((cand_g == g) & (cand_w > w), torch.full_like(dist, float("inf")), dist)
+            k = linear_k(s - 1, n, k_max, k_min)
+            row.append(knn_value(dist, R[cand_g], k, d_min))
+            finite = dist[torch.isfinite(dist)].clamp(min=d_min)
+            kth.append(float(finite.sort().values[min(k, len(finite)) - 1]))
+        values.append(row)
+    return values, kth
+
+
+def test_batched_states_give_exactly_the_per_state_loop():
+    """On the CPU the batched gather changes no bit of the values or the k-th distances."""
+    torch.manual_seed(11)
+    for G, lengths, k_max, k_min in [(3, (23, 9, 15), 66, 6), (4, (17, 30, 4, 22), 9, 2), (2, (3, 2), 5, 1)]:
+        prompt = torch.randn(5, 8)
+        hidden = [torch.cat([prompt, torch.randn(T, 8)]) for T in lengths]
+        rewards = [float(random.Random(g + 3).random() < 0.5) for g in range(G)]
+        for d_min in (0.05, 2.0):
+            settings = dict(interval=4, alpha=0.7, window=2, k_max=k_max, k_min=k_min, d_min=d_min)
+            assert hista_group_values(hidden, 5, rewards, **settings) == \
+                per_state_group_values(hidden, 5, rewards, **settings)
+
+
 def test_first_state_is_the_group_mean_and_own_longer_prefixes_are_excluded():
     torch.manual_seed(2)
     prompt = torch.randn(4, 8)

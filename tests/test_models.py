@@ -38,16 +38,37 @@ def test_model_shape_reads_the_config_only(tmp_path):
 
 
 def test_training_memory_hand_worked():
-    from common.models import training_memory_gib
+    from common.models import LOGSOFTMAX_CHUNK, training_memory_gib
 
     shape = {"params": 2**30, "hidden": 100, "intermediate": 300, "layers": 10, "vocab": 1000}
     parts = training_memory_gib(shape, trainable=2, frozen=1, frozen_bytes=2, sampler_bytes=2, micro_batch=4,
                                 seq_len=2**10, response_len=2**8, checkpointing=False)
-    assert parts["trainable"] == 32 and parts["frozen"] == 2 and parts["sampler"] == 2
+    # 2 trained models x 12 bytes (weights, AdamW's moments) + 4 (gradients); autocast's bf16 copies and
+    # AdamW's step temporaries: one model at a time
+    assert parts["trainable"] == 24 and parts["gradients"] == 8 and parts["frozen"] == 2 and parts["sampler"] == 2
+    assert parts["autocast"] == 2 and parts["optimizer_step"] == 4
     # 4 x 1,024 tokens x 10 layers x (30 x 100 + 10 x 300) bytes + 4 x 256 x 2 x 1,000 bytes of logits
     assert parts["activations"] == pytest.approx((4 * 1024 * 10 * 6000 + 4 * 256 * 2000) / 2**30)
+    # the logits' bf16 gradient, and one float32 log-softmax chunk with its exponentials and gradient
+    assert parts["logits_grad"] == pytest.approx((4 * 256 * 2000 + 3 * 4 * LOGSOFTMAX_CHUNK * 1000) / 2**30)
     ckpt = training_memory_gib(shape, 2, 1, 2, 2, 4, 2**10, 2**8, checkpointing=True)["activations"]
     assert ckpt == pytest.approx((4 * 1024 * (4 * 100 * 10 + 6000) + 4 * 256 * 2000) / 2**30)
+
+
+def test_memory_phases_hand_worked():
+    from common.models import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_GIB, VLLM_ASLEEP_GIB, memory_phases
+
+    parts = {"trainable": 24.0, "gradients": 8.0, "frozen": 2.0, "sampler": 0.0, "autocast": 2.0,
+             "activations": 3.0, "logits_grad": 1.0, "optimizer_step": 4.0}
+    # the CPU: the update holds the gradients and the larger of a micro-batch (2 + 3 + 1) and AdamW's step (4)
+    assert memory_phases(parts, cuda=False) == {"update": 40.0, "generation": 26.0, "need": 40.0}
+    # CUDA with vLLM: the allocator's overhead on the short-lived part, vLLM asleep during the update, awake
+    # (its whole share) during generation, the CUDA context in both
+    got = memory_phases(parts, cuda=True, vllm_gib=20.0)
+    assert got["update"] == pytest.approx(40 + ALLOCATOR_OVERHEAD * 6 + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB)
+    assert got["generation"] == pytest.approx(26 + 20 + CUDA_CONTEXT_GIB) and got["need"] == got["generation"]
+    # AdamW's step outgrows a micro-batch: it sets the update's peak
+    assert memory_phases({**parts, "optimizer_step": 10.0}, cuda=False)["update"] == 44.0
 
 
 def test_check_memory_refuses_what_cannot_fit(tmp_path):
@@ -62,3 +83,20 @@ def test_check_memory_refuses_what_cannot_fit(tmp_path):
     with pytest.raises(ModelLoadError, match=r"needs about \d+ GiB .* lower --micro-batch-size"):
         check_memory(str(tmp_path), "cpu", trainable=2, **settings)  # 7.6B x 2 x 16 bytes: ~230 GiB
     check_memory("tiny-random", "cpu", trainable=2, **settings)  # fits: no error
+
+
+def test_check_memory_returns_its_estimate_and_warns_within_its_margin(monkeypatch, capsys):
+    import common.models as models
+
+    settings = dict(trainable=1, frozen=0, frozen_dtype="bfloat16", backend="hf", vllm_share=0.3, micro_batch=1,
+                    max_new_tokens=64, checkpointing=True)
+    estimate = models.check_memory("tiny-random", "cpu", **settings)
+    assert estimate["need"] == estimate["update"] > estimate["generation"] and estimate["total"] > 0
+    need = estimate["need"]
+    monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.05)  # fits, inside the 15% margin
+    assert models.check_memory("tiny-random", "cpu", **settings)["need"] == need
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "margin" in err[0]
+    monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.5)  # clear of the margin: quiet
+    models.check_memory("tiny-random", "cpu", **settings)
+    assert capsys.readouterr().err == ""

@@ -325,3 +325,31 @@ def test_filter_skips_steps_without_signal(tmp_path):
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]
     state = load_checkpoint(latest_checkpoint(str(run_dir)))
     assert state["step"] == 2 and state["state"]["feed"] == {"next_problem": 8, "surplus": []}
+
+
+class Stop(Exception):
+    """Raised by a stand-in to end main() once it has what the test reads."""
+
+
+@pytest.mark.parametrize("flags,dtype", [([], "float32"),  # with the PRM: the PRM's numerics on every device
+                                         (["--process-reward-coef", "0", "--kl-coef", "0.01"], "bfloat16")])
+def test_reference_dtype_on_a_gpu(flags, dtype, monkeypatch):
+    """On CUDA the reference PRIME's token rewards read is float32 (like the PRM, so that log pi_prm - log pi_ref
+    is exactly 0 at step 0 there too); only a KL-only reference is bfloat16. Checked without a GPU: main() stops
+    at check_memory, which receives the reference's dtype before anything is loaded."""
+    import tyro
+
+    import prime_implicit_prm
+
+    seen = {}
+
+    def check_memory(name, device, **kwargs):
+        seen.update(kwargs, device=device)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(prime_implicit_prm, "check_memory", check_memory)
+    args = tyro.cli(prime_implicit_prm.Args, args=["--model", "tiny-random", "--device", "cuda", *flags])
+    with pytest.raises(Stop):
+        prime_implicit_prm.main(args)
+    assert seen["device"] == "cuda" and seen["frozen_dtype"] == dtype and seen["frozen"] == 1

@@ -677,6 +677,8 @@ OUT_OF_RANGE = [
 ]
 if not torch.cuda.is_available():
     OUT_OF_RANGE.append((["--device", "cuda"], "no CUDA device"))
+# vLLM runs on the first visible GPU only, whatever the index says: refused on any machine, GPU or not
+OUT_OF_RANGE.append((["--device", "cuda:1", "--backend", "vllm"], "CUDA_VISIBLE_DEVICES=1 and --device cuda"))
 
 
 @pytest.mark.parametrize("argv,message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
@@ -755,3 +757,22 @@ def test_bad_file_or_model_is_one_line_and_writes_nothing(argv, message, subproc
         assert proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
     assert not out.exists()
     assert {k: p.read_bytes() for k, p in bad_files.items() if p.is_file()} == before  # nothing touched
+
+
+def test_frozen_policy_is_float32_on_a_gpu(monkeypatch):
+    """SVEB's frozen policy (PRIME's reference, Hista's hidden states) is float32 under autocast on CUDA too, as the
+    PRM and the policy hista.py trains: checked without a GPU, at the load it asks for."""
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def load_model(name, dtype="float32", device="cpu", **kwargs):
+        asked.update(dtype=dtype, device=device)
+        raise Stop
+
+    monkeypatch.setattr(sveb_eval, "load_model", load_model)
+    args = tyro.cli(Args, args=["--device", "cuda", "--estimators", "Hista", "PRIME"])
+    with pytest.raises(Stop):
+        sveb_eval.evaluate_estimators(args, {"model": "tiny-random", "temperature": 0.7}, [], [])
+    assert asked == {"dtype": "float32", "device": "cuda"}

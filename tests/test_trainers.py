@@ -233,6 +233,8 @@ BAD_FILES = [
     (["--dataset", "nowhere.jsonl"], "does not exist"),
     (["--dataset", "EMPTY"], "is empty"),
     (["--dataset", "what"], "unknown dataset"),
+    # vLLM runs on the first visible GPU only, whatever the index says: refused on any machine, GPU or not
+    (["--device", "cuda:1", "--backend", "vllm"], "CUDA_VISIBLE_DEVICES=1 and --device cuda"),
 ]
 if not torch.cuda.is_available():
     BAD_FILES.append((["--device", "cuda"], "no CUDA device"))
@@ -264,3 +266,20 @@ def test_outcome_rewards_refuse_the_question_handed_back(script):
     texts = ["\\boxed{59 * 100}", "\\boxed{59 \\times 100}", "59 * 100 = 5900, so \\boxed{5900}", "\\boxed{5900}"]
     rewards = module.outcome_rewards(texts, [True] * 4, ["5900"] * 4, ["Calculate 59 * 100."] * 4)
     assert rewards == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_vllm_on_another_gpu_is_refused_before_the_cuda_check():
+    from common.args import check_device
+
+    for device in ("cuda:1", "cuda:3"):
+        with pytest.raises(SystemExit) as exc:
+            check_device(device, "vllm")
+        message = str(exc.value)
+        assert message.startswith("error: ") and f"CUDA_VISIBLE_DEVICES={device[-1]} and --device cuda" in message
+    check_device("cpu", "vllm")
+    for device in ("cuda", "cuda:0"):  # the first GPU: fine for vLLM wherever CUDA is
+        if torch.cuda.is_available():
+            check_device(device, "vllm")
+        else:
+            with pytest.raises(SystemExit, match="no CUDA device"):
+                check_device(device, "vllm")
