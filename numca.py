@@ -562,7 +562,8 @@ def main(args: Args) -> None:
     # The prompts of a step (dynamic sampling's too) are a function of the step alone and its rollouts are
     # seeded by it, so a resumed run draws and samples what a run that never stopped would.
     run = Run(args, "numca.py", models={"policy": policy}, optimizers={"policy": policy_opt},
-              schedulers={"policy": policy_sched}, state={"numca_table": table}, generator=generator, tokenizer=tokenizer, eval_problems=eval_problems)
+              schedulers={"policy": policy_sched}, state={"numca_table": table}, generator=generator,
+              tokenizer=tokenizer, eval_problems=eval_problems)
 
     for step in run.steps():
         t_step = time.time()

@@ -490,6 +490,58 @@ def in_micro_batches(fn, batch: Batch, micro_batches) -> torch.Tensor:
     return out
 
 
+def fill_step(generator, tokenizer, feed: PromptFeed, args, step: int):
+    """Step 2.1 of one training step: the official fill loop (fill_batch) with this run's sampler, grader and
+    filter: K responses to each drawn prompt, graded; the prompts the accuracy filter accepts are kept (all of
+    them with --no-filter). Returns (kept, as fill_batch returns it; the fill statistics)."""
+    K = args.samples_per_prompt
+
+    def sample_and_grade(problems, draw: int):
+        """K completions of each problem and their (len(problems), K) outcome rewards."""
+        outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=K,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed * 100_003 + step * 1_009 + draw)
+        return outs, torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K,
+                                                   [p.question] * K) for p, row in zip(problems, outs)])
+
+    accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
+        (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))
+    kept, feed.surplus, draws, drawn = fill_batch(feed.surplus, feed.draw, sample_and_grade, accept,
+                                                  args.num_prompts, args.max_prompt_draws)
+    if len(kept) < args.num_prompts:
+        tqdm.write(f"step {step}: draw cap hit (--max-prompt-draws {args.max_prompt_draws}): {len(kept)} of "
+                   f"{args.num_prompts} prompts passed the filter among {drawn} drawn")
+    return kept, {"prime/batch_fill": len(kept) / args.num_prompts, "prime/draws": draws,
+                  "prime/filter_acceptance": (len(kept) + len(feed.surplus)) / drawn,
+                  "prime/surplus_prompts": len(feed.surplus), "prime/draw_cap_hit": float(len(kept) < args.num_prompts)}
+
+
+def prime_advantages(token_rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, K: int,
+                     process_reward_coef: float, official: bool, diagnostics: bool):
+    """The policy's (B, T) advantages from the (B, T) token rewards and the (B,) outcomes, groups of K: the
+    official pipeline (official_prime_advantages, the default) or Eq. 5 as the paper writes it (RLOO outcome
+    advantages plus process_reward_coef x RLOO process advantages). With `diagnostics`, how much each pipeline's
+    process part spreads against its outcome part on this batch, and the mean token reward of correct and wrong
+    responses. Returns (advantages, statistics)."""
+    outcome_adv = rloo_outcome_advantages(scores.view(-1, K)).flatten()[:, None] * mask  # (B, T)
+    process_adv = process_reward_coef * rloo_process_advantages(token_rewards, mask, K)  # (B, T)
+    if official:
+        advantages = official_prime_advantages(token_rewards, scores, mask, K, process_weight=5.0 * process_reward_coef)
+    else:
+        advantages = outcome_adv + process_adv
+    if not diagnostics:
+        return advantages, {}
+    process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
+    mean_token_reward = token_rewards.sum(1) / mask.sum(1)  # (B,)
+    return advantages, {
+        "prime/std_ratio_official": process_outcome_std_ratio(
+            process_reward_coef * returns_to_go(process), returns_to_go(outcome), mask),
+        "prime/std_ratio_eq5": process_outcome_std_ratio(process_adv, outcome_adv, mask),
+        "prime/process_reward_correct": float(mean_token_reward[scores == 1].mean()),  # nan if none
+        "prime/process_reward_wrong": float(mean_token_reward[scores == 0].mean()),
+    }
+
+
 def update_prm(prm, prm_opt, prm_sched, batch: Batch, micro_batches, accumulation: int, ref_raw: torch.Tensor,
                scores: torch.Tensor, K: int, args, autocast):
     """PRIME's PRM step on one batch: (a) one pass of its cross-entropy update on the outcome labels `scores`
@@ -617,26 +669,8 @@ def main(args: Args) -> None:
         #     right, some wrong), and repeat until num_prompts are kept or --max-prompt-draws draws are spent.
         t0 = time.time()
         K = args.samples_per_prompt
-
-        def sample_and_grade(problems, draw: int):
-            """K completions of each problem and their (len(problems), K) outcome rewards."""
-            outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=K,
-                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed * 100_003 + step * 1_009 + draw)
-            return outs, torch.tensor([outcome_rewards([c.text for c in row], [c.finished for c in row], [p.answer] * K,
-                                                       [p.question] * K) for p, row in zip(problems, outs)])
-
-        accept = (lambda rows: torch.ones(len(rows), dtype=torch.bool)) if args.no_filter else \
-            (lambda rows: accuracy_filter(rows, args.filter_low, args.filter_high))
-        kept, feed.surplus, draws, drawn = fill_batch(feed.surplus, feed.draw, sample_and_grade, accept,
-                                                      args.num_prompts, args.max_prompt_draws)
+        kept, fill_stats = fill_step(generator, tokenizer, feed, args, step)
         t_gen = time.time() - t0
-        fill_stats = {"prime/batch_fill": len(kept) / args.num_prompts, "prime/draws": draws,
-                      "prime/filter_acceptance": (len(kept) + len(feed.surplus)) / drawn,
-                      "prime/surplus_prompts": len(feed.surplus), "prime/draw_cap_hit": float(len(kept) < args.num_prompts)}
-        if len(kept) < args.num_prompts:
-            tqdm.write(f"step {step}: draw cap hit (--max-prompt-draws {args.max_prompt_draws}): {len(kept)} of "
-                       f"{args.num_prompts} prompts passed the filter among {drawn} drawn")
         if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
             run.log(step, fill_stats)
             tqdm.write(f"step {step}: no prompt passed the filter; skipping the update")
@@ -682,24 +716,9 @@ def main(args: Args) -> None:
                                                     ref_raw, scores, K, args, autocast)
         t_prm = time.time() - t0
         #   c. the advantages: the official pipeline (default), or Eq. 5 as the paper writes it
-        outcome_adv = rloo_outcome_advantages(scores.view(-1, K)).flatten()[:, None] * mask  # (B, T)
-        process_adv = args.process_reward_coef * rloo_process_advantages(token_rewards, mask, K)  # (B, T)
-        if args.official_normalisation:
-            advantages = official_prime_advantages(token_rewards, scores, mask, K,
-                                                   process_weight=5.0 * args.process_reward_coef)
-        else:
-            advantages = outcome_adv + process_adv
-        if use_prm:
-            # How much each pipeline's process part spreads against its outcome part, on this batch.
-            process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
-            mean_token_reward = token_rewards.sum(1) / lengths  # (B,)
-            prime_stats |= {
-                "prime/std_ratio_official": process_outcome_std_ratio(
-                    args.process_reward_coef * returns_to_go(process), returns_to_go(outcome), mask),
-                "prime/std_ratio_eq5": process_outcome_std_ratio(process_adv, outcome_adv, mask),
-                "prime/process_reward_correct": float(mean_token_reward[scores == 1].mean()),  # nan if none
-                "prime/process_reward_wrong": float(mean_token_reward[scores == 0].mean()),
-            }
+        advantages, advantage_stats = prime_advantages(token_rewards, scores, mask, K, args.process_reward_coef,
+                                                       args.official_normalisation, diagnostics=use_prm)
+        prime_stats |= advantage_stats
 
         # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
         #     partition, in a new random order every epoch, with gradients accumulated over them. (A step that

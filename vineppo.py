@@ -379,10 +379,11 @@ def estimate_values(generator, tokenizer, prompts: list[list[int]], responses: l
     """Monte Carlo values of the states of every response, with identical prefixes sampled once.
 
     starts[b] lists, for response b, the token offsets where its estimated states end (0 = the
-    prompt); answers[b] and questions[b] are its problem's, for the grader. Returns V for each of them (the mean reward of k continuations) and the number of distinct
-    prefixes sampled. Each continuation is generated with exactly the budget its prefix leaves of the
-    response's: max_new_tokens minus the prefix's response tokens. One cut by that budget is unfinished
-    and scores 0, as the whole response would be.
+    prompt); answers[b] and questions[b] are its problem's, for the grader. Returns V for each of them
+    (the mean reward of k continuations) and the number of distinct prefixes sampled. Each continuation
+    is generated with exactly the budget its prefix leaves of the response's: max_new_tokens minus the
+    prefix's response tokens. One cut by that budget is unfinished and scores 0, as the whole response
+    would be.
     """
     unique: dict[tuple[int, ...], int] = {}
     keys = []  # keys[b][i]: index of the prefix of state i of response b in `unique`
