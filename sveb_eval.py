@@ -58,7 +58,7 @@ import ppo
 import prime_implicit_prm as prime
 import vineppo
 from common.args import check_device, check_ranges
-from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
+from common.data import DEFAULT_DATASET, DataError, default_max_new_tokens, load_problems, prompt_ids
 from common.generation import make_generator
 from common.models import DEFAULT_MODEL, ModelLoadError, default_device, load_model, load_tokenizer, resolve_model_path
 
@@ -1045,8 +1045,7 @@ def check_args(args: Args) -> None:
     if os.path.isdir(args.bench_file):
         raise SystemExit(f"error: --bench-file {args.bench_file} is a folder: pass a file (.jsonl)")
     if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
+        args.max_new_tokens = default_max_new_tokens(args.dataset)
     check_device(args.device, args.backend)
     unknown = set(args.estimators) - set(ESTIMATORS)
     if unknown:

@@ -184,6 +184,13 @@ def load_problems(dataset: str, split: str, size: int | None = None, seed: int =
     return problems[:size] if size else problems
 
 
+def default_max_new_tokens(dataset: str) -> int:
+    """The response budget when --max-new-tokens is not given: 128 tokens for a generated task (arithmetic,
+    reasoning-gym), 512 for GSM8K, MATH and files."""
+    generated = not (dataset in ("gsm8k", "math") or dataset.endswith((".jsonl", ".json", ".parquet")))
+    return 128 if generated else 512
+
+
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """The question through the model's chat template, asking for the answer in \\boxed{}."""
     messages = [{"role": "user", "content": f"{question}\n{SYSTEM_INSTRUCTION}"}]

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from common.args import check_device, check_ranges
 from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
-from common.data import prompt_ids
+from common.data import default_max_new_tokens, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
 from common.models import default_device, resolve_model_path
@@ -88,8 +88,7 @@ def check_shared_args(args) -> None:
         raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must divide "
                          f"--minibatch-size {args.minibatch_size}")
     if args.max_new_tokens is None:
-        generated = not (args.dataset in ("gsm8k", "math") or args.dataset.endswith((".jsonl", ".json", ".parquet")))
-        args.max_new_tokens = 128 if generated else 512
+        args.max_new_tokens = default_max_new_tokens(args.dataset)
     check_device(args.device, args.backend)
     if args.track:
         try:
