@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402
 import report  # noqa: E402
 
-TINY = ["--model", "tiny-random", "--num-prompts", "2", "--samples-per-prompt", "2", "--minibatch-size", "2",
+TINY = ["--model", "tiny", "--num-prompts", "2", "--samples-per-prompt", "2", "--minibatch-size", "2",
         "--micro-batch-size", "1", "--max-new-tokens", "12"]
 
 

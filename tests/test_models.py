@@ -15,7 +15,7 @@ def test_folder_without_config(tmp_path):
 
 def test_bad_dtype():
     with pytest.raises(ModelLoadError, match="dtype"):
-        load_model("tiny-random", dtype="int3")
+        load_model("tiny", dtype="int3")
 
 
 def test_tiny_model_is_deterministic_and_padded(tiny_model, tokenizer):
@@ -82,7 +82,7 @@ def test_check_memory_refuses_what_cannot_fit(tmp_path):
                     max_new_tokens=1024, checkpointing=True)
     with pytest.raises(ModelLoadError, match=r"needs about \d+ GiB .* lower --micro-batch-size"):
         check_memory(str(tmp_path), "cpu", trainable=2, **settings)  # 7.6B x 2 x 16 bytes: ~230 GiB
-    check_memory("tiny-random", "cpu", trainable=2, **settings)  # fits: no error
+    check_memory("tiny", "cpu", trainable=2, **settings)  # fits: no error
 
 
 def test_check_memory_returns_its_estimate_and_warns_within_its_margin(monkeypatch, capsys):
@@ -90,13 +90,13 @@ def test_check_memory_returns_its_estimate_and_warns_within_its_margin(monkeypat
 
     settings = dict(trainable=1, frozen=0, frozen_dtype="bfloat16", backend="hf", vllm_share=0.3, micro_batch=1,
                     max_new_tokens=64, checkpointing=True)
-    estimate = models.check_memory("tiny-random", "cpu", **settings)
+    estimate = models.check_memory("tiny", "cpu", **settings)
     assert estimate["need"] == estimate["update"] > estimate["generation"] and estimate["total"] > 0
     need = estimate["need"]
     monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.05)  # fits, inside the 15% margin
-    assert models.check_memory("tiny-random", "cpu", **settings)["need"] == need
+    assert models.check_memory("tiny", "cpu", **settings)["need"] == need
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning:") and "margin" in err[0]
     monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.5)  # clear of the margin: quiet
-    models.check_memory("tiny-random", "cpu", **settings)
+    models.check_memory("tiny", "cpu", **settings)
     assert capsys.readouterr().err == ""
