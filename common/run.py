@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -227,7 +228,10 @@ class Run:
         return acc
 
     def log(self, step: int, logs: dict) -> None:
-        """One step's numbers, to metrics.jsonl and TensorBoard (and through it wandb)."""
+        """One step's numbers, to metrics.jsonl and TensorBoard (and through it wandb). A number that has no
+        value this step is left out, not written as NaN: the losses of a step whose every micro-batch was
+        skipped by the ratio guard (the mean of no values), an explained variance of a constant target."""
+        logs = {k: v for k, v in logs.items() if not math.isnan(float(v))}
         for k, v in logs.items():
             self.writer.add_scalar(k, float(v), step)
         self.history.write(json.dumps({"step": step, "wall_s": self.elapsed(), **{k: float(v) for k, v in logs.items()}})

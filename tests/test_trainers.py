@@ -49,9 +49,9 @@ def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
     train = [r for r in records if "losses/approx_kl" in r]
     assert len(train) == 1
     for r in train:
-        for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):
-            if key in r:
-                assert r[key] == 0.0, (key, r[key])  # exactly: the same arithmetic on the same weights
+        assert r["charts/reward_mean"] > 0  # rewards were earned: the batch had something to learn from
+        for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):  # every script logs all three
+            assert r[key] == 0.0, (key, r[key])  # exactly: the same arithmetic on the same weights
 
 
 # ---- Checkpoints: a run killed at any point and resumed ends with the metrics of a run never stopped ----
@@ -140,6 +140,9 @@ OUT_OF_RANGE = [
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
     (["--learning-rate", "nan"], "--learning-rate is NaN"),
     (["--learning-rate", "-1e-5"], "--learning-rate must be >= 0"),
+    (["--learning-rate", "inf"], "--learning-rate is inf"),
+    (["--max-minutes", "inf"], "--max-minutes is inf"),
+    (["--max-ratio", "-inf"], "--max-ratio is -inf"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1]"),
