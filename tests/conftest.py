@@ -39,15 +39,17 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
 TINY_TASK = ["--model", "tiny", "--dataset", "digits"]
 
 
-def run_tiny(script: str, tmp_path: Path, *args: str, save_model: bool = True) -> tuple[Path, list[dict]]:
+def run_tiny(script: str, tmp_path: Path, *args: str, save_model: bool = True,
+             rewarded: bool = True) -> tuple[Path, list[dict]]:
     """Run `script` end to end on the tiny model and the digits task (flags in `args` come after, so they win);
-    check it succeeded, wrote a final model (unless the run says --no-save-model) and only finite losses. Returns the
-    run folder and the records of its metrics.jsonl."""
+    check it succeeded, wrote a final model (unless the run says --no-save-model), only finite losses and (unless
+    `rewarded` is False) earned a reward in some step. Returns the run folder and the records of its metrics.jsonl."""
     proc = run_script(script, *TINY_TASK, "--output-dir", str(tmp_path), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "charts/reward_mean" in r]
     assert train and all(math.isfinite(v) for r in train for k, v in r.items() if k.startswith("losses/"))
+    assert not rewarded or any(r["charts/reward_mean"] > 0 for r in train), "no step earned a reward"
     assert (run_dir / "final_model" / "config.json").exists() == save_model
     return run_dir, records

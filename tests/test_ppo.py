@@ -183,7 +183,8 @@ def test_chunked_logprobs_match_the_full_softmax(tiny_model, tokenizer):
     with torch.no_grad():
         lp, ent = response_logprobs(tiny_model, batch, 0.6, with_entropy=True)
         want_lp, want_ent = full_vocab_logprobs(tiny_model, batch, 0.6)
-        assert torch.allclose(lp * m, want_lp * m, atol=1e-5) and torch.allclose(ent * m, want_ent * m, atol=1e-4)
+        # float32, summed in another order over 49,152 logits of size up to ~20 (the taught tiny model): 1e-4
+        assert torch.allclose(lp * m, want_lp * m, atol=1e-4) and torch.allclose(ent * m, want_ent * m, atol=1e-4)
         assert torch.equal(response_logprobs(tiny_model, batch, 0.6, chunk=5), lp)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             lp16 = response_logprobs(tiny_model, batch, 0.6)
@@ -195,7 +196,7 @@ def test_chunked_logprobs_match_the_full_softmax(tiny_model, tokenizer):
         (fn() * m).sum().backward()
         grads.append(tiny_model.model.layers[0].mlp.up_proj.weight.grad.clone())
     tiny_model.zero_grad()
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)  # entries up to ~20: float32 sums in another order
 
 
 TINY_RUN = ["--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
