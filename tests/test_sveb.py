@@ -6,6 +6,7 @@ empty or wrong file or model: one line that starts with "error:", a non-zero exi
 import contextlib
 import dataclasses
 import json
+import re
 import math
 import random
 import typing
@@ -572,7 +573,7 @@ def test_build_and_eval_refuse_a_file_of_the_previous_format(tmp_path):
 
 
 def test_end_to_end_on_the_tiny_model(tmp_path):
-    # the tiny random model solves nothing: build every problem and train on every training problem
+    # the tiny model (taught one-digit sums) rarely solves arithmetic: build every problem, train on every one
     proc = run_script("sveb_eval.py", "--model", "tiny", "--dataset", "arithmetic", "--output-dir",
                       str(tmp_path), "--num-problems", "3", "--num-presamples", "2", "--population", "all",
                       "--group-size", "2", "--num-truth", "3", "--mc-k", "3", "--num-train-problems", "2",
@@ -591,13 +592,13 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     assert "PPO-1/lam1" in results["critic_collapse"]
     assert (tmp_path / "sveb_mae.png").stat().st_size > 1000
     table = (tmp_path / "sveb_table.md").read_text()
-    assert "| GRPO |" in table and "Population: 0 of 3 pre-sampled problems" in table
+    assert "| GRPO |" in table and re.search(r"Population: [0-3] of 3 pre-sampled problems", table)
     # eval alone, a subset of estimators, from the same file
     proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path), "--estimators", "GRPO", "Numca",
                       "MCS@1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(json.loads((tmp_path / "sveb_results.json").read_text())["mae"]) == {"GRPO", "Numca", "MCS@1"}
-    # with the training filters on, this model's problems (none right) cannot train PPO-1: one clear line
+    # with the training filters on, too few of this model's problems are left to train PPO-1: one clear line
     proc = run_script("sveb_eval.py", "--stage", "eval", "--output-dir", str(tmp_path), "--estimators", "PPO-1/lam1")
     assert proc.returncode != 0 and "PPO-1 needs at least 2 training problems" in proc.stderr
     assert "Traceback" not in proc.stderr
