@@ -132,6 +132,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     no_hista: bool = False
