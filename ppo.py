@@ -459,7 +459,7 @@ def main(args: Args) -> None:
         # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
         # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
-        micro_batches = torch.randperm(len(completions)).split(args.micro_batch_size)  # row indices, (b,) each
+        micro_batches = torch.randperm(len(mask)).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
