@@ -40,10 +40,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig
 
 from common import distributed as dist
-from common.models import load_weights, plain_model, sampler_weights
+from common.models import is_plain, load_weights, plain_model, sampler_weights
 
 # vLLM's KV cache on the CPU, in GiB, unless $VLLM_CPU_KVCACHE_SPACE says otherwise. vLLM's own default
 # takes most of the machine's memory (20 of 24 GiB on the development machine); 2 GiB hold ~90k tokens
@@ -99,9 +99,9 @@ class HFGenerator:
             bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(self.eos_ids),
             pad_token_id=tokenizer.pad_token_id,
         )
-        if isinstance(model, PreTrainedModel) and (dtype is None or dtype == model.dtype):
+        if is_plain(model) and (dtype is None or dtype == model.dtype):
             self.model = model  # sample from the policy itself: nothing to sync
-        elif isinstance(model, PreTrainedModel):
+        elif is_plain(model):
             self.model = copy.deepcopy(model).to(dtype)
         else:  # LoRA (merged in), DDP or FSDP2 (gathered whole): a plain copy of the same config
             self.model = plain_model(model, dtype, model.device)

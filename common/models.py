@@ -193,6 +193,13 @@ def is_lora(model) -> bool:
     return hasattr(unwrap(model), "disable_adapter")
 
 
+def is_plain(model) -> bool:
+    """A transformers model as loaded: not LoRA, not in DDP, not sharded by FSDP2 (which keeps its class)."""
+    from common.distributed import is_sharded
+
+    return isinstance(model, PreTrainedModel) and not is_sharded(model)
+
+
 class AdapterOff:
     """The frozen reference under LoRA: the policy's own base weights with its adapters switched off for each
     forward (PEFT's disable_adapter), instead of a second copy of the model. It reads as the reference model

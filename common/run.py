@@ -39,7 +39,6 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel
 
 from common import distributed as dist
 from common.args import check_device, check_ranges
@@ -47,7 +46,7 @@ from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, sav
 from common.data import default_max_new_tokens, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import AdapterOff, default_device, load_model, plain_model, resolve_model_path
+from common.models import AdapterOff, default_device, is_plain, load_model, plain_model, resolve_model_path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,7 +375,7 @@ class Run:
             final, tmp = os.path.join(self.dir, "final_model"), os.path.join(self.dir, "final_model.tmp")
             # A plain transformers model: LoRA's adapters merged in, DDP's wrapper removed, FSDP2's shards
             # gathered (on every rank; rank 0 writes).
-            plain = policy if isinstance(policy, PreTrainedModel) else plain_model(policy, device="cpu")
+            plain = policy if is_plain(policy) else plain_model(policy, device="cpu")
             if self.main:
                 plain.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
