@@ -388,6 +388,5 @@ class Run:
                 import wandb
 
                 wandb.finish()
-        dist.barrier()
-        dist.close()
+        dist.barrier()  # the process group stays until exit: vLLM's engine cleans up its own groups then
 
