@@ -27,6 +27,8 @@ Docs: docs/hista.md
 Run:  python hista.py                                                        # CPU, offline, default
       python hista.py --no-hista                                             # the GRPO/DAPO baseline
       python hista.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 hista.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python hista.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations

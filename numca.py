@@ -23,6 +23,8 @@ Docs: docs/numca.md
 Run:  python numca.py                                                        # CPU, offline, default
       python numca.py --no-numca                                             # the GRPO/DAPO baseline
       python numca.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 numca.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python numca.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations

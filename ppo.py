@@ -21,6 +21,8 @@ Departures from the official code (docs/ppo.md gives the reasons):
 Docs: docs/ppo.md
 Run:  python ppo.py                                                   # CPU, offline, default
       python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations

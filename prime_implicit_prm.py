@@ -25,6 +25,8 @@ Docs: docs/prime_implicit_prm.md
 Run:  python prime_implicit_prm.py                                    # CPU, offline, default
       python prime_implicit_prm.py --process-reward-coef 0            # the RLOO baseline
       python prime_implicit_prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm # one GPU
+      torchrun --nproc-per-node 8 prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -302,7 +304,8 @@ def official_prime_advantages(token_rewards: torch.Tensor, scores: torch.Tensor,
     # Under torchrun the whitening is over the whole batch: every rank's sums are added up (dist.all_sum).
     n = dist.all_sum(mask.sum())
     mean = dist.all_sum((returns * mask).sum()) / n.clamp(min=1)
-    var = dist.all_sum(((returns - mean) ** 2 * mask).sum()) / n.clamp(min=1) * n / (n - 1).clamp(min=1)  # official order
+    var = dist.all_sum(((returns - mean) ** 2 * mask).sum()) / n.clamp(min=1)
+    var = var * n / (n - 1).clamp(min=1)  # the official order of operations
     return (returns - mean) * torch.rsqrt(var + 1e-8)
 
 

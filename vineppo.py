@@ -26,6 +26,8 @@ Departures from the official code (docs/vineppo.md gives the reasons):
 Docs: docs/vineppo.md
 Run:  python vineppo.py                                               # CPU, offline, default
       python vineppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 vineppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python vineppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
