@@ -238,15 +238,22 @@ class VLLMGenerator:
         # (the CPU only feeds the GPU) and is kept.
         # Building the engine also seeds Python's, NumPy's and torch's global generators with `seed` (vLLM's
         # set_random_seed): what the trainer draws afterwards differs from an hf-backend run of the same seed.
+        # Under torchrun: one engine per process, on this process's device, each with its own prompts (vLLM's
+        # torchrun mode, as TRL's colocate mode: the engines are vLLM's data-parallel ranks, tensor parallel 1,
+        # reusing torchrun's process group). Without it every engine would take the first GPU.
+        parallel = dict(distributed_executor_backend="external_launcher", data_parallel_size=dist.world()) \
+            if dist.active() else {}
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = LLM(
-                model=model_path, dtype=dtype, seed=seed, max_model_len=self.max_model_len,
+                # Under torchrun each engine its own seed: the same one would draw the same random numbers for
+                # every process's different prompts.
+                model=model_path, dtype=dtype, seed=seed + dist.rank(), max_model_len=self.max_model_len,
                 enable_prefix_caching=True, enforce_eager=enforce_eager,
                 # Random weights at start-up, not the checkpoint's: make_generator sends the policy's right after.
                 load_format="dummy",
                 # Neutral sampling defaults; SamplingParams below say everything that is used.
-                generation_config="vllm", **memory,
+                generation_config="vllm", **memory, **parallel,
             )
         finally:
             torch.set_num_threads = set_num_threads
