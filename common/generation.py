@@ -29,6 +29,11 @@ token is kept: the outcome reward sits on it.
   update, and `sync_weights` wakes it; a sync that leaves any engine parameter without new weights stops
   the run on a GPU (see there). vLLM ignores `generate`'s seed (see there): its samples are reproducible
   per run, not per call. vLLM is imported only here, only when chosen.
+
+Under torchrun `make_generator` wraps either in a `ShardedGenerator`: every process calls `generate` with the
+same inputs, generates its contiguous share with its own engine, and gets every completion back. The weights it
+syncs are the policy's as a plain transformers model has them (common.models.sampler_weights: LoRA merged in,
+FSDP2's shards gathered).
 """
 
 from __future__ import annotations
