@@ -24,7 +24,9 @@ start and end times, exit code), `log.txt` (the script's output) and the script'
 (`{arm}__{seed}__{time}/` with `metrics.jsonl`, `args.json`, TensorBoard events; no final model: the runs
 are for their metrics, so they pass --no-save-model).
 
-Resuming. A run whose run.json has exit code 0 is finished and never redone. A run that another
+Resuming. A run whose run.json has exit code 0 is finished and never redone; a run already started with
+another command than the one this invocation would give it (other flags, budget, cadence) is refused in one
+line before anything runs (give another --out, or delete its folder). A run that another
 invocation is running (a `lock` file naming a live invocation or run on this machine) is left to it, so
 several invocations can share one --out folder: give each its own --arms or --seeds, or the same ones
 (each takes the next free run). A run that was killed restarts cleanly: from its newest checkpoint when
@@ -106,6 +108,28 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
+def command_line(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> str:
+    """The command a run of `arm` at `seed` is started with, as run.json records it."""
+    return f"OMP_NUM_THREADS={opts.threads} " + shlex.join(["python", *run_command(arm, seed, run_dir, opts, extra)[1:]])
+
+
+def refuse_changed_runs(todo: list[tuple[str, int]], opts, extra: list[str]) -> None:
+    """A run already started in --out (finished, or killed and to be resumed) with another command than the one
+    this invocation would start it with (other flags after --, another budget, cadence or thread count) would
+    be kept or continued as it was and reported beside runs made the new way: refuse, in one line, before
+    anything runs."""
+    for arm, seed in todo:
+        run_dir = ROOT / opts.out / arm / f"seed{seed}"
+        try:
+            recorded = json.loads((run_dir / "run.json").read_text())["command"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            continue  # never started, or its record half-written: it starts afresh
+        now = command_line(arm, seed, run_dir, opts, extra)
+        if recorded != now:
+            sys.exit(f"error: {run_dir} was run with another command ({recorded!r}; now: {now!r}): give another "
+                     f"--out, the same flags as before, or delete {run_dir} to run it again")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine (a zombie, dead but not yet reaped, does not count)."""
     try:
@@ -163,7 +187,8 @@ def start(arm: str, seed: int, opts, extra: list[str]) -> tuple[subprocess.Popen
     env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     record = {"arm": arm, "seed": seed, "script": ARMS[arm][0], "baseline": ARMS[arm][2],
-              "command": f"OMP_NUM_THREADS={opts.threads} " + shlex.join(["python", *command[1:]]),
+              "command": command_line(arm, seed, run_dir, opts, extra) if not resumed
+              else f"OMP_NUM_THREADS={opts.threads} " + shlex.join(["python", *command[1:]]),
               "budget": {"max_minutes": opts.max_minutes, "samples": opts.samples,
                          "num_steps": int(command[command.index("--num-steps") + 1]) if not resumed else None},
               "parallel": opts.parallel, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -216,12 +241,12 @@ def main() -> None:
         else str(Path(opts.out).resolve())  # the commands recorded in run.json stay copyable from the repository
 
     todo = [(arm, seed) for seed in opts.seeds for arm in opts.arms]
+    refuse_changed_runs(todo, opts, extra)
     if opts.dry_run:
         for arm, seed in todo:
             run_dir = ROOT / opts.out / arm / f"seed{seed}"
             state = "finished" if finished(run_dir) else "to run"
-            print(f"[{state}] OMP_NUM_THREADS={opts.threads} "
-                  + shlex.join(["python", *run_command(arm, seed, run_dir, opts, extra)[1:]]))
+            print(f"[{state}] {command_line(arm, seed, run_dir, opts, extra)}")
         return
 
     running: list[tuple[subprocess.Popen, Path, dict]] = []

@@ -17,10 +17,14 @@ RULES = {
 
 def check_ranges(args, rules: dict[str, list[str]]) -> None:
     """`rules` maps a rule of RULES to the names of the fields that must satisfy it (None values, meaning
-    "not set", are skipped). NaN is refused in every float field, named or not."""
+    "not set", are skipped). NaN and infinity are refused in every float field, named or not: no flag means
+    "unbounded" by inf (a limit that can be left off, such as --max-minutes, is left off by not giving it)."""
     for name, value in vars(args).items():
         if isinstance(value, float) and math.isnan(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} is NaN: give a number")
+        if isinstance(value, float) and math.isinf(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} is {value}: give a finite number (a limit that "
+                             "can be left off is left off by not giving the flag)")
     for rule, names in rules.items():
         for name in names:
             value = getattr(args, name)

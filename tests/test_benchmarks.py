@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402
 import report  # noqa: E402
 
-TINY = ["--model", "tiny-random", "--num-prompts", "2", "--samples-per-prompt", "2", "--minibatch-size", "2",
+TINY = ["--model", "tiny", "--num-prompts", "2", "--samples-per-prompt", "2", "--minibatch-size", "2",
         "--micro-batch-size", "1", "--max-new-tokens", "12"]
 
 
@@ -150,6 +150,15 @@ def test_compare_runs_skips_and_restarts(tmp_path):
     (grpo / "lock").write_text(f"{compare.socket.gethostname()} {os.getpid()}")
     proc = run_compare(out, *flags)
     assert proc.returncode == 0 and "started" not in proc.stdout and "skipped  grpo seed 1" in proc.stdout
+
+    # A finished run asked for again with other flags (another budget, another flag for the scripts) is
+    # refused in one line, before anything runs; it was silently kept and reported as the new setting.
+    more_samples = [("12" if flags[i - 1] == "--samples" else a) for i, a in enumerate(flags)]
+    for argv in (more_samples, [*flags, "--temperature", "1.0"]):
+        proc = run_compare(out, *argv)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and last.startswith("error:") and "was run with another command" in last
+        assert "started" not in proc.stdout
 
 
 def test_compare_resumes_a_killed_run_from_its_checkpoint(tmp_path):

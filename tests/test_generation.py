@@ -221,3 +221,27 @@ def test_vllm_sync_with_an_unloaded_parameter_warns_once_on_the_cpu(tiny_model, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(err) == 1 and "lm_head.weight" in err[0]
     assert engine.calls.count("apply_model") == 2 and engine.calls[-1] == "reset_prefix_cache"
+
+
+def test_top_p_keeps_only_the_nucleus(tiny_model, tokenizer):
+    """At T = 1 the tiny model's samples vary; with a nucleus so small that it holds only the most likely token
+    each sample is the greedy answer, and with top-p 0.9 no sample ever takes a token outside the smallest
+    set of tokens whose probability reaches 0.9."""
+    from common.data import load_problems, prompt_ids
+
+    gen = HFGenerator(tiny_model, tokenizer)
+    prompts = [prompt_ids(tokenizer, p.question) for p in load_problems("digits", "train")[:3]]
+    greedy = gen.generate(prompts, n=1, max_new_tokens=8, temperature=0.0)
+    free = gen.generate(prompts, n=6, max_new_tokens=8, temperature=1.0, seed=0)
+    assert any(c.token_ids != g[0].token_ids for row, g in zip(free, greedy) for c in row)  # sampling varies
+    narrow = gen.generate(prompts, n=6, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=0)
+    assert all(c.token_ids == g[0].token_ids for row, g in zip(narrow, greedy) for c in row)
+    for prompt, row in zip(prompts, gen.generate(prompts, n=6, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0)):
+        for c in row:
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+            probs = torch.softmax(logits.float(), -1)
+            for t, token in enumerate(c.token_ids):
+                sorted_p, order = probs[t].sort(descending=True)
+                inside = order[: int((sorted_p.cumsum(0) < 0.9).sum()) + 1]  # the nucleus, its last token included
+                assert token in inside.tolist()

@@ -148,8 +148,12 @@ def test_linear_k_is_the_official_schedule():
     assert [linear_k(i, 7, 66, 6) for i in range(7)] == [66, 58, 50, 42, 34, 26, 18]  # never reaches 6
     assert {linear_k(i, 61, 66, 6) for i in range(61)} == {66}  # n > k_max - k_min: k_max throughout
     assert linear_k(0, 1, 66, 6) == 66 and linear_k(0, 1, 5, 5) == 5
-    for n in range(1, 80):
-        assert [linear_k(i, n, 66, 6) for i in range(n)] == [66 - (60 // n) * i for i in range(n)]
+    assert [linear_k(i, 5, 66, 6) for i in range(5)] == [66, 54, 42, 30, 18]  # step 60 // 5 = 12
+    assert [linear_k(i, 13, 66, 6) for i in range(0, 13, 4)] == [66, 50, 34, 18]  # step 60 // 13 = 4
+    assert [linear_k(i, 3, 10, 2) for i in range(3)] == [10, 8, 6]  # step 8 // 3 = 2
+    for n in range(1, 80):  # never below k_min, never rising along a response
+        ks = [linear_k(i, n, 66, 6) for i in range(n)]
+        assert min(ks) >= 6 and ks == sorted(ks, reverse=True)
 
 
 def test_candidate_prefixes_with_the_prompt_only_prefix():

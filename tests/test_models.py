@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from common.models import ModelLoadError, load_model, resolve_model_path
 
@@ -15,13 +16,31 @@ def test_folder_without_config(tmp_path):
 
 def test_bad_dtype():
     with pytest.raises(ModelLoadError, match="dtype"):
-        load_model("tiny-random", dtype="int3")
+        load_model("tiny", dtype="int3")
 
 
-def test_tiny_model_is_deterministic_and_padded(tiny_model, tokenizer):
+def test_tiny_model_is_padded_and_right_about_half_the_time(tiny_model, tokenizer):
+    """The tests' rewards come from here: the tiny model must answer the digits task right part of the time,
+    neither never nor always, so that a group of samples holds both rewards. Its head size is one vLLM's CPU
+    attention runs (32)."""
+    from common.data import load_problems, prompt_ids
+    from common.grading import grade
+
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
-    assert tiny_model.config.num_hidden_layers == 2
-    assert tiny_model.config.vocab_size == len(tokenizer)
+    config = tiny_model.config
+    assert config.num_hidden_layers == 2 and config.vocab_size == len(tokenizer)
+    assert config.hidden_size // config.num_attention_heads == 32
+    problems = load_problems("digits", "train")[:16]
+    torch.manual_seed(0)
+    right = []
+    with torch.no_grad():
+        for p in problems:
+            ids = torch.tensor([prompt_ids(tokenizer, p.question)])
+            out = tiny_model.generate(ids, do_sample=True, temperature=0.6, top_p=1.0, max_new_tokens=12,
+                                      num_return_sequences=4, pad_token_id=tokenizer.pad_token_id)
+            right += [grade(tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True), p.answer, question=p.question)
+                      for o in out]
+    assert 0.25 < sum(right) / len(right) < 0.85, sum(right) / len(right)  # measured: 0.58
 
 
 def test_model_shape_reads_the_config_only(tmp_path):
@@ -55,6 +74,28 @@ def test_training_memory_hand_worked():
     assert ckpt == pytest.approx((4 * 1024 * (4 * 100 * 10 + 6000) + 4 * 256 * 2000) / 2**30)
 
 
+def test_training_memory_of_smollm2_hand_worked():
+    """SmolLM2-135M's shape, PPO's default micro-batch (8 sequences of 256 + 128 tokens, 128 of them response),
+    worked out by hand in bytes."""
+    from common.models import training_memory_gib
+
+    shape = {"params": 134_515_008, "hidden": 576, "intermediate": 1536, "layers": 30, "vocab": 49152}
+    parts = training_memory_gib(shape, trainable=2, frozen=1, frozen_bytes=4, sampler_bytes=2, micro_batch=8,
+                                seq_len=384, response_len=128, checkpointing=False)
+    gib = 2**30
+    assert parts["trainable"] * gib == pytest.approx(3_228_360_192)  # 2 x 12 x 134,515,008
+    assert parts["gradients"] * gib == pytest.approx(1_076_120_064)  # 2 x 4 x ...
+    assert parts["frozen"] * gib == pytest.approx(538_060_032)  # float32 reference
+    assert parts["sampler"] * gib == pytest.approx(269_030_016)  # the bf16 sampling copy
+    # 3,072 tokens x 30 layers x (30 x 576 + 10 x 1,536 = 32,640) = 3,008,102,400; logits 1,024 x 98,304
+    assert parts["activations"] * gib == pytest.approx(3_008_102_400 + 100_663_296)
+    # logits' gradient 100,663,296 + one chunk: 3 x 4 x 256 x 49,152 = 150,994,944
+    assert parts["logits_grad"] * gib == pytest.approx(251_658_240)
+    ckpt = training_memory_gib(shape, 2, 1, 4, 2, 8, 384, 128, checkpointing=True)["activations"]
+    # 3,072 tokens x (4 x 576 x 30 + 32,640 = 101,760) + logits
+    assert ckpt * gib == pytest.approx(312_606_720 + 100_663_296)
+
+
 def test_memory_phases_hand_worked():
     from common.models import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_GIB, VLLM_ASLEEP_GIB, memory_phases
 
@@ -82,7 +123,7 @@ def test_check_memory_refuses_what_cannot_fit(tmp_path):
                     max_new_tokens=1024, checkpointing=True)
     with pytest.raises(ModelLoadError, match=r"needs about \d+ GiB .* lower --micro-batch-size"):
         check_memory(str(tmp_path), "cpu", trainable=2, **settings)  # 7.6B x 2 x 16 bytes: ~230 GiB
-    check_memory("tiny-random", "cpu", trainable=2, **settings)  # fits: no error
+    check_memory("tiny", "cpu", trainable=2, **settings)  # fits: no error
 
 
 def test_check_memory_returns_its_estimate_and_warns_within_its_margin(monkeypatch, capsys):
@@ -90,13 +131,13 @@ def test_check_memory_returns_its_estimate_and_warns_within_its_margin(monkeypat
 
     settings = dict(trainable=1, frozen=0, frozen_dtype="bfloat16", backend="hf", vllm_share=0.3, micro_batch=1,
                     max_new_tokens=64, checkpointing=True)
-    estimate = models.check_memory("tiny-random", "cpu", **settings)
+    estimate = models.check_memory("tiny", "cpu", **settings)
     assert estimate["need"] == estimate["update"] > estimate["generation"] and estimate["total"] > 0
     need = estimate["need"]
     monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.05)  # fits, inside the 15% margin
-    assert models.check_memory("tiny-random", "cpu", **settings)["need"] == need
+    assert models.check_memory("tiny", "cpu", **settings)["need"] == need
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning:") and "margin" in err[0]
     monkeypatch.setattr(models, "device_memory_gib", lambda device: need * 1.5)  # clear of the margin: quiet
-    models.check_memory("tiny-random", "cpu", **settings)
+    models.check_memory("tiny", "cpu", **settings)
     assert capsys.readouterr().err == ""

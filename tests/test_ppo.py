@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_tiny
-from ppo import (compute_gae, kl_k3, lr_multiplier, make_batch, masked_whiten, outcome_rewards, place_rewards,
+from ppo import (Critic, compute_gae, critic_values, kl_k3, lr_multiplier, make_batch, masked_whiten, outcome_rewards, place_rewards,
                  ppo_policy_loss, ppo_value_loss, response_logprobs)
 
 
@@ -111,11 +111,43 @@ def test_policy_loss_clipping():
     assert clipfrac.item() == 0.0
 
 
+def value_loss(value, old, ret, clip=0.2):
+    v = torch.tensor([[value]], requires_grad=True)
+    loss = ppo_value_loss(v, torch.tensor([[old]]), torch.tensor([[ret]]), torch.ones(1, 1), clip)
+    loss.backward()
+    return loss.item(), v.grad.item()
+
+
 def test_value_loss_clipping():
-    mask = torch.ones(1, 1)
-    # New value moved 1.0 from the old one (0), return 1: clipped value 0.2 is worse, so it counts.
-    loss = ppo_value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.ones(1, 1), mask, 0.2)
-    assert loss.item() == pytest.approx(0.5 * 0.8**2)
+    # New value 1.0, moved 1.0 from the old one (0), return 1: the clipped value 0.2 is further from the
+    # return (0.8^2 = 0.64 > 0), so the clipped term counts: 0.5 x 0.64 = 0.32, and it has no gradient.
+    assert value_loss(1.0, 0.0, 1.0) == pytest.approx((0.32, 0.0))
+    # New value -0.5, return 1: unclipped (1.5^2 = 2.25) is worse than clipped -0.2 (1.2^2 = 1.44), so the
+    # unclipped branch counts: 0.5 x 2.25 = 1.125, gradient V - G = -1.5.
+    assert value_loss(-0.5, 0.0, 1.0) == pytest.approx((1.125, -1.5))
+    # Inside the clip range both terms agree: 0.5 x 0.9^2, gradient -0.9.
+    assert value_loss(0.1, 0.0, 1.0) == pytest.approx((0.405, -0.9))
+
+
+def test_critic_value_of_token_t_sees_only_the_tokens_before_it(tiny_model, tokenizer):
+    """V(s_t), the value fed to GAE for response token t, is the state before t: read at column P - 1 + t, it
+    must not change when token t itself changes, and must change when a token before it does."""
+    import copy
+
+    torch.manual_seed(0)
+    critic = Critic(copy.deepcopy(tiny_model).get_decoder(), tiny_model.config.hidden_size).eval()
+    prompts = [tokenizer("What is 2 + 3?").input_ids, tokenizer("Hi").input_ids]
+    responses = [[10, 11, 12, 13], [20, 21, 22]]
+    with torch.no_grad():
+        base = critic_values(critic, make_batch(prompts, responses, tokenizer.pad_token_id))
+        for t in range(3):
+            changed = [r[:t] + [r[t] + 100] + r[t + 1 :] for r in responses]
+            v = critic_values(critic, make_batch(prompts, changed, tokenizer.pad_token_id))
+            assert torch.equal(v[:, : t + 1], base[:, : t + 1])  # states 0..t do not contain token t
+            assert not torch.allclose(v[0, t + 1], base[0, t + 1])  # state t + 1 does
+    # Column alignment: the first response token's value is read at the prompt's last token.
+    hidden = critic.backbone(input_ids=torch.tensor([prompts[0]])).last_hidden_state
+    assert base[0, 0].item() == pytest.approx(critic.head(hidden[0, -1]).item(), abs=1e-5)
 
 
 def test_batch_logprobs_match_unpadded(tiny_model, tokenizer):

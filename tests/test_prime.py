@@ -312,7 +312,7 @@ def test_prime_end_to_end(tmp_path, flags):
 
 def test_filter_skips_steps_without_signal(tmp_path):
     # With the filter on, the tiny model's all-wrong groups are all dropped: the cap is reported, the run completes.
-    proc = run_script("prime_implicit_prm.py", "--model", "tiny-random", "--output-dir", str(tmp_path),
+    proc = run_script("prime_implicit_prm.py", "--model", "tiny", "--output-dir", str(tmp_path),
                       *TINY[:-1], "--max-prompt-draws", "2", "--save-every", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stderr + proc.stdout
@@ -349,7 +349,7 @@ def test_reference_dtype_on_a_gpu(flags, dtype, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(prime_implicit_prm, "check_memory", check_memory)
-    args = tyro.cli(prime_implicit_prm.Args, args=["--model", "tiny-random", "--device", "cuda", *flags])
+    args = tyro.cli(prime_implicit_prm.Args, args=["--model", "tiny", "--device", "cuda", *flags])
     with pytest.raises(Stop):
         prime_implicit_prm.main(args)
     assert seen["device"] == "cuda" and seen["frozen_dtype"] == dtype and seen["frozen"] == 1

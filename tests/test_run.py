@@ -13,7 +13,7 @@ from conftest import run_script
 
 pytest.importorskip("wandb")
 
-TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+TINY = ["--model", "tiny", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "8",
         "--eval-every", "2", "--no-save-model"]
 

@@ -512,7 +512,7 @@ def test_continuation_rewards_follow_vineppos_rule(tokenizer):
 
 # ---- the build file ----
 def tiny_args(tmp_path, **kw):
-    settings = dict(model="tiny-random", dataset="arithmetic", output_dir=str(tmp_path), num_problems=2,
+    settings = dict(model="tiny", dataset="arithmetic", output_dir=str(tmp_path), num_problems=2,
                     num_presamples=2, group_size=2, num_truth=2, mc_k=2, num_train_problems=1, max_new_tokens=8,
                     chunk_size=1, population="all")
     args = Args(**(settings | kw))
@@ -573,7 +573,7 @@ def test_build_and_eval_refuse_a_file_of_the_previous_format(tmp_path):
 
 def test_end_to_end_on_the_tiny_model(tmp_path):
     # the tiny random model solves nothing: build every problem and train on every training problem
-    proc = run_script("sveb_eval.py", "--model", "tiny-random", "--dataset", "arithmetic", "--output-dir",
+    proc = run_script("sveb_eval.py", "--model", "tiny", "--dataset", "arithmetic", "--output-dir",
                       str(tmp_path), "--num-problems", "3", "--num-presamples", "2", "--population", "all",
                       "--group-size", "2", "--num-truth", "3", "--mc-k", "3", "--num-train-problems", "2",
                       "--max-new-tokens", "8", "--no-train-filters", "--critic-batch-size", "2",
@@ -604,7 +604,7 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
 
 
 # ---- bad input: one line that starts with "error:", a non-zero exit, nothing written ----
-TINY = ["--model", "tiny-random", "--dataset", "arithmetic", "--num-problems", "2", "--num-presamples", "2",
+TINY = ["--model", "tiny", "--dataset", "arithmetic", "--num-problems", "2", "--num-presamples", "2",
         "--group-size", "2", "--num-truth", "2", "--mc-k", "2", "--num-train-problems", "1", "--max-new-tokens", "8",
         "--population", "all", "--no-train-filters"]
 
@@ -732,7 +732,7 @@ BAD_FILES = [
     (["--dataset", "EMPTY"], "is empty", True),
     (["--dataset", "NOANSWER"], "has no answer (answer/final_answer/solution) field", True),
     (["--dataset", "what"], "unknown dataset 'what'", False),
-    (["--bench-file", "OTHER"], "was built with other settings (model: file None vs now 'tiny-random'", True),
+    (["--bench-file", "OTHER"], "was built with other settings (model: file None vs now 'tiny'", True),
     (["--bench-file", "NOTBENCH"], "is not an SVEB benchmark file", False),
     (["--stage", "eval"], "does not exist; run the build stage first", True),
 ]
@@ -774,5 +774,5 @@ def test_frozen_policy_is_float32_on_a_gpu(monkeypatch):
     monkeypatch.setattr(sveb_eval, "load_model", load_model)
     args = tyro.cli(Args, args=["--device", "cuda", "--estimators", "Hista", "PRIME"])
     with pytest.raises(Stop):
-        sveb_eval.evaluate_estimators(args, {"model": "tiny-random", "temperature": 0.7}, [], [])
+        sveb_eval.evaluate_estimators(args, {"model": "tiny", "temperature": 0.7}, [], [])
     assert asked == {"dtype": "float32", "device": "cuda"}

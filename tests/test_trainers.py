@@ -24,7 +24,7 @@ import torch
 import tyro
 
 from common.checkpoint import latest_checkpoint
-from conftest import ROOT, run_script, run_tiny
+from conftest import ROOT, TINY_TASK, run_script, run_tiny
 
 # Script -> the flags that set every learning rate of that script to 0.
 FROZEN = {
@@ -32,8 +32,7 @@ FROZEN = {
     "vineppo.py": ["--learning-rate", "0"],
     "numca.py": ["--learning-rate", "0", "--kl-coef", "0.001"],  # a KL coefficient, so that kl_ref_k3 exists
     "hista.py": ["--learning-rate", "0", "--kl-coef", "0.001"],
-    # --no-filter: the tiny model is never right, so the accuracy filter would leave nothing to train on
-    "prime_implicit_prm.py": ["--learning-rate", "0", "--prm-learning-rate", "0", "--no-filter"],
+    "prime_implicit_prm.py": ["--learning-rate", "0", "--prm-learning-rate", "0"],
 }
 
 # 4 prompts x 4 samples in micro-batches of 4. With the earlier code (consecutive micro-batches for the
@@ -50,17 +49,16 @@ def test_unchanged_weights_give_zero_ratio_statistics(script, tmp_path):
     train = [r for r in records if "losses/approx_kl" in r]
     assert len(train) == 1
     for r in train:
-        for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):
-            if key in r:
-                assert r[key] == 0.0, (key, r[key])  # exactly: the same arithmetic on the same weights
+        assert r["charts/reward_mean"] > 0  # rewards were earned: the batch had something to learn from
+        for key in ("losses/approx_kl", "losses/clipfrac", "losses/kl_ref_k3"):  # every script logs all three
+            assert r[key] == 0.0, (key, r[key])  # exactly: the same arithmetic on the same weights
 
 
 # ---- Checkpoints: a run killed at any point and resumed ends with the metrics of a run never stopped ----
 RESUMABLE = ["ppo.py", "vineppo.py", "numca.py", "hista.py", "prime_implicit_prm.py"]
 FAST = {"vineppo.py": ["--num-mc-rollouts", "2"],  # fewer continuations: the same code path, a faster test
-        "numca.py": ["--num-train-problems", "2"],  # prompts recur, so the resumed run reads a restored table
-        "prime_implicit_prm.py": ["--no-filter"]}  # the tiny model is never right: the filter would skip every step
-SHORT_RUN = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+        "numca.py": ["--num-train-problems", "2"]}  # prompts recur, so the resumed run reads a restored table
+SHORT_RUN = [*TINY_TASK, "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
              "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
              "--eval-every", "2", "--no-save-model", "--save-every", "1", "--keep-checkpoints", "1"]
 TIMING = ("wall_s", "charts/step_time")
@@ -92,6 +90,10 @@ def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
     assert reference.wait() == 0, reference.stderr.read()[-3000:]
     (ref_dir,) = (tmp_path / "reference").iterdir()
     assert [p.name for p in (ref_dir / "checkpoints").iterdir()] == ["step_000002"]  # --keep-checkpoints 1
+    # The training really moves the weights (the tiny model earns rewards on digits): both steps' second
+    # minibatch sees weights its first one changed. A resume that lost the weights or the optimizer fails below.
+    train = [r for r in comparable(ref_dir) if "losses/approx_kl" in r]
+    assert len(train) == 2 and all(r["losses/approx_kl"] > 0 for r in train), train
 
     # SIGKILL once the first checkpoint exists: mid-step 2, or while writing its checkpoint.
     killed = start(script, tmp_path / "killed")
@@ -125,7 +127,7 @@ def test_resume_without_a_checkpoint_is_one_line(script, tmp_path):
 
 # ---- Bad input: one line that starts with "error:", a non-zero exit, nothing written ----
 TRAINERS = ["ppo.py", "vineppo.py", "numca.py", "hista.py", "prime_implicit_prm.py"]
-TINY = ["--model", "tiny-random", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
+TINY = ["--model", "tiny", "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
         "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "4", "--max-new-tokens", "12"]
 
 # Out-of-range numbers are refused by check_args before anything is loaded: checked in-process (fast).
@@ -138,6 +140,9 @@ OUT_OF_RANGE = [
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
     (["--learning-rate", "nan"], "--learning-rate is NaN"),
     (["--learning-rate", "-1e-5"], "--learning-rate must be >= 0"),
+    (["--learning-rate", "inf"], "--learning-rate is inf"),
+    (["--max-minutes", "inf"], "--max-minutes is inf"),
+    (["--max-ratio", "-inf"], "--max-ratio is -inf"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1]"),

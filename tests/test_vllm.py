@@ -61,7 +61,7 @@ def smollm2_with_extras(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vllm(tmp_path_factory):
     """The tiny random model with 2 attention heads of 32 (vLLM's CPU attention has no kernel for
-    tiny-random's head size 16), otherwise the same: SmolLM2's tokenizer, 2 layers, 2048 positions."""
+    tiny's head size 16), otherwise the same: SmolLM2's tokenizer, 2 layers, 2048 positions."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from common.models import DEFAULT_MODEL, ModelLoadError, load_tokenizer
