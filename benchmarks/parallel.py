@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["--model", "tiny-random", "--num-prompts", "4", "--samples-per-prompt", "2", "--minibatch-size", "8",
-         "--micro-batch-size", "2", "--max-new-tokens", "8", "--num-eval-problems", "4", "--eval-every", "2"]
+SMOKE = ["--model", "tiny", "--dataset", "digits", "--num-prompts", "4", "--samples-per-prompt", "2",
+         "--minibatch-size", "8", "--micro-batch-size", "2", "--max-new-tokens", "8", "--num-eval-problems", "4",
+         "--eval-every", "2"]
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float]:
@@ -100,7 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ppo", choices=["ppo", "vineppo", "numca", "hista", "prime_implicit_prm"])
     parser.add_argument("--nproc", type=int, default=2, help="processes of the torchrun run")
-    parser.add_argument("--num-steps", type=int, default=4, help="steps of each step-time run (the first is not counted)")
+    parser.add_argument("--num-steps", type=int, default=4,
+                        help="steps of each step-time run (the first is not counted)")
     parser.add_argument("--lora", action="store_true", help="compare LoRA with full fine-tuning instead")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-learning-rate", type=float, default=1e-4)
