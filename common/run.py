@@ -22,6 +22,12 @@ What a run folder holds (`{output_dir}/{exp_name}__{seed}__{unix time}`):
   --track the same numbers go to Weights & Biases too (its files under `wandb/` in the run folder);
 - `checkpoints/step_NNNNNN/` (common/checkpoint.py) and `final_model/` (save_pretrained, written whole or not
   at all).
+
+Under torchrun (common/distributed.py) every process runs all of the above; rank 0 alone writes the folder. The
+logged numbers are averaged over the processes, the held-out evaluation is generated split over them, and they
+stop together (--max-minutes, Ctrl-C). A checkpoint holds whole tensors (FSDP2's shards gathered), so a run may
+resume with another number of processes; with LoRA it holds what trains (adapters, a value head), and the base
+is --model again. The final model is a plain transformers model (LoRA merged in).
 """
 
 from __future__ import annotations
