@@ -124,7 +124,7 @@ def test_two_processes_make_the_first_update_of_one(one_process, sharding, tmp_p
     update = max((one[k] - start[k]).abs().max().item() for k in one)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     assert update > 0.01, update  # the step moved the weights (lr 10 on gradients of ~0.1)
-    assert gap <= 1e-5 * update, (gap, update)  # measured: 1.2e-7 against 0.34, the order of float sums
+    assert gap <= 1e-5 * update, (gap, update)  # measured: 3e-7 against 1.35, the order of float sums
     (one_dir,), (two_dir,) = one_process.iterdir(), tmp_path.iterdir()
     # The logged step: the same names, and the same batch (charts/: rewards, lengths, truncation, averaged over the
     # ranks). The losses/ are means of micro-batch means, whose partition differs with the number of processes.
