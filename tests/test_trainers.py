@@ -23,7 +23,7 @@ import pytest
 import torch
 import tyro
 
-from common.checkpoint import latest_checkpoint
+from common.checkpoint import latest_checkpoint, load_checkpoint
 from conftest import ROOT, TINY_TASK, run_script, run_tiny
 
 # Script -> the flags that set every learning rate of that script to 0.
@@ -60,7 +60,7 @@ FAST = {"vineppo.py": ["--num-mc-rollouts", "2"],  # fewer continuations: the sa
         "numca.py": ["--num-train-problems", "2"]}  # prompts recur, so the resumed run reads a restored table
 SHORT_RUN = [*TINY_TASK, "--num-steps", "2", "--num-prompts", "2", "--samples-per-prompt", "2",
              "--minibatch-size", "2", "--micro-batch-size", "1", "--num-eval-problems", "2", "--max-new-tokens", "12",
-             "--eval-every", "2", "--no-save-model", "--save-every", "1", "--keep-checkpoints", "1"]
+             "--eval-every", "2", "--no-save-model", "--save-every", "1", "--keep-checkpoints", "2"]
 TIMING = ("wall_s", "charts/step_time")
 
 
@@ -70,8 +70,9 @@ def comparable(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")} for r in records]
 
 
-def start(script: str, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, script, *SHORT_RUN, *FAST.get(script, []), "--output-dir", str(out)], cwd=ROOT,
+def start(script: str, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, script, *SHORT_RUN, *FAST.get(script, []), *extra, "--output-dir", str(out)],
+                            cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -84,19 +85,22 @@ def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float 
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("script", RESUMABLE)
-def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
-    reference = start(script, tmp_path / "reference")
+def resumed_equals_uninterrupted(script: str, tmp_path: Path, *extra: str) -> None:
+    """A 2-step run never stopped, and the same run SIGKILLed once its first checkpoint exists (mid-step 2, or
+    while writing the checkpoint) then continued with --resume: the same metrics (timings aside)."""
+    reference = start(script, tmp_path / "reference", *extra)
     assert reference.wait() == 0, reference.stderr.read()[-3000:]
     (ref_dir,) = (tmp_path / "reference").iterdir()
-    assert [p.name for p in (ref_dir / "checkpoints").iterdir()] == ["step_000002"]  # --keep-checkpoints 1
-    # The training really moves the weights (the tiny model earns rewards on digits): both steps' second
-    # minibatch sees weights its first one changed. A resume that lost the weights or the optimizer fails below.
-    train = [r for r in comparable(ref_dir) if "losses/approx_kl" in r]
-    assert len(train) == 2 and all(r["losses/approx_kl"] > 0 for r in train), train
+    assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    # The training really moved the weights before the kill point (the tiny model earns rewards on digits):
+    # a resume that lost the weights (or the optimizer, or the random state) fails below.
+    from common.models import TINY_MODEL, load_model
 
-    # SIGKILL once the first checkpoint exists: mid-step 2, or while writing its checkpoint.
-    killed = start(script, tmp_path / "killed")
+    initial = load_model(TINY_MODEL).state_dict()
+    after_step_1 = load_checkpoint(ref_dir / "checkpoints" / "step_000001")["models"]["policy"]
+    assert any(not torch.equal(initial[k], after_step_1[k]) for k in initial)
+
+    killed = start(script, tmp_path / "killed", *extra)
     wait_for("*/checkpoints/step_000001/state.pt", tmp_path / "killed", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -104,6 +108,11 @@ def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
     proc = run_script(script, "--resume", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert comparable(run_dir) == comparable(ref_dir)
+
+
+@pytest.mark.parametrize("script", RESUMABLE)
+def test_killed_run_resumes_to_the_same_metrics(script, tmp_path):
+    resumed_equals_uninterrupted(script, tmp_path)
 
 
 # The same handler in every script; PRIME's step has its own ending (steps the filter skips), so it is checked too.
@@ -245,22 +254,41 @@ if not torch.cuda.is_available():
     BAD_FILES.append((["--device", "cuda"], "no CUDA device"))
 
 
-# Every row for ppo.py; for the other trainers, a missing model and an empty dataset (the two ways each script's
-# own loading order can fail: the error must come before its run folder exists). A subprocess costs ~5 s.
+# Every row as a user sees it, in a subprocess (~5 s each), for ppo.py. Each script's __main__ turns the same
+# exceptions into that line; what differs between scripts is the order of their loading, so for the other
+# trainers a missing model and an empty dataset are checked in-process: the exception, with nothing written.
 BAD_CASES = [("ppo.py", argv, message) for argv, message in BAD_FILES]
-BAD_CASES += [(script, argv, message) for script in TRAINERS[1:] for argv, message in BAD_FILES[0:3:2]]
+IN_PROCESS = [(script, argv, message) for script in TRAINERS[1:] for argv, message in BAD_FILES[0:3:2]]
+
+
+def bad_argv(argv, empty_jsonl):
+    return [empty_jsonl if a == "EMPTY" else a for a in argv]
 
 
 @pytest.mark.parametrize("script,argv,message", BAD_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_CASES])
 def test_bad_input_is_one_line_and_writes_nothing(script, argv, message, tmp_path, empty_jsonl):
     out = tmp_path / "runs"
-    argv = [empty_jsonl if a == "EMPTY" else a for a in argv]
-    proc = run_script(script, *TINY, "--output-dir", str(out), *argv)
+    proc = run_script(script, *TINY, "--output-dir", str(out), *bad_argv(argv, empty_jsonl))
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("script,argv,message", IN_PROCESS, ids=[f"{s} {' '.join(a)}" for s, a, _ in IN_PROCESS])
+def test_bad_input_stops_before_the_run_folder(script, argv, message, tmp_path, empty_jsonl):
+    from common.data import DataError
+    from common.models import ModelLoadError
+
+    module = importlib.import_module(script[:-3])
+    out = tmp_path / "runs"
+    args = tyro.cli(module.Args, args=[*TINY, "--output-dir", str(out), *bad_argv(argv, empty_jsonl)])
+    with pytest.raises((ModelLoadError, DataError), match=message):
+        module.main(args)
+    assert not out.exists() or not any(out.iterdir())
+    source = (ROOT / script).read_text()  # the exceptions its __main__ turns into one `error:` line
+    assert "except (ModelLoadError, DataError) as e:\n        sys.exit(f\"error: {e}\")" in source
 
 
 # The reward reads the question: a trainer whose outcome_rewards dropped it would pay a policy for handing the

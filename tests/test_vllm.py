@@ -4,7 +4,8 @@ Selected with `-m vllm` (pytest.ini leaves them out of the plain `python -m pyte
 
     python -m pytest tests -q -m vllm
 
-They skip where `import vllm` fails. One engine at a time: the in-process tests share one engine on
+Where they are selected and `import vllm` fails, every one of them fails (CI's vLLM stage must not pass with
+nothing run). One engine at a time: the in-process tests share one engine on
 SmolLM2-135M (the offline default, whose generation config is given Qwen-like sampling extras that both
 backends must ignore), then each script runs end to end with `--backend vllm` in its own process.
 """
@@ -19,7 +20,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import TINY_TASK, run_script
 
 pytestmark = pytest.mark.vllm
 
@@ -29,10 +30,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_importable():
+    """A fixture, so that it runs only for selected tests: the plain suite collects this module and leaves
+    every test out, and passes without vLLM."""
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or a broken install (torchvision built for another torch)
-        pytest.skip(f"vLLM is not importable here: {type(e).__name__}: {e}")
+        pytest.fail(f"-m vllm selected the vLLM tests, but vLLM is not importable here ({type(e).__name__}: {e}): "
+                    "install it as the README's vLLM section says", pytrace=False)
 
 
 # Sampling options a model's generation config may carry (Qwen2.5-Instruct: repetition_penalty 1.05,
@@ -55,30 +59,6 @@ def smollm2_with_extras(tmp_path_factory):
         shutil.copy(os.path.join(source, name), folder / name)
     config = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**config, **EXTRAS}))
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_vllm(tmp_path_factory):
-    """The tiny random model with 2 attention heads of 32 (vLLM's CPU attention has no kernel for
-    tiny's head size 16), otherwise the same: SmolLM2's tokenizer, 2 layers, 2048 positions."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from common.models import DEFAULT_MODEL, ModelLoadError, load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(DEFAULT_MODEL)
-    except ModelLoadError as e:
-        pytest.skip(str(e))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-vllm")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     return str(folder)
 
 
@@ -260,13 +240,13 @@ SCRIPTS = {
     "vineppo.py": SMALL + ["--num-mc-rollouts", "2"],
     "numca.py": SMALL,
     "hista.py": SMALL + ["--interval", "4"],
-    "prime_implicit_prm.py": SMALL + ["--no-filter"],  # the tiny model is never right
+    "prime_implicit_prm.py": SMALL,
 }
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_trainer_end_to_end_with_vllm(script, tiny_vllm, tmp_path):
-    proc = run_script(script, "--model", tiny_vllm, "--backend", "vllm", "--vllm-enforce-eager",
+def test_trainer_end_to_end_with_vllm(script, tmp_path):
+    proc = run_script(script, *TINY_TASK, "--backend", "vllm", "--vllm-enforce-eager",
                       "--output-dir", str(tmp_path), *SCRIPTS[script], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -276,11 +256,21 @@ def test_trainer_end_to_end_with_vllm(script, tiny_vllm, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "losses/policy_loss" in r]
     assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
+    assert any(r["charts/reward_mean"] > 0 for r in train)  # vLLM's samples of the tiny model earn rewards
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]
 
 
-def test_sveb_end_to_end_with_vllm(tiny_vllm, tmp_path):
-    proc = run_script("sveb_eval.py", "--model", tiny_vllm, "--backend", "vllm", "--vllm-enforce-eager",
+def test_killed_run_resumes_to_the_same_metrics_with_vllm(tmp_path):
+    """--resume with --backend vllm: the engine is rebuilt from the model's folder, then given the restored
+    policy's weights; each step's sampling seed is set per request, so the resumed run samples what the
+    uninterrupted one did and logs the same numbers."""
+    from test_trainers import resumed_equals_uninterrupted
+
+    resumed_equals_uninterrupted("numca.py", tmp_path, "--backend", "vllm", "--vllm-enforce-eager")
+
+
+def test_sveb_end_to_end_with_vllm(tmp_path):
+    proc = run_script("sveb_eval.py", "--model", "tiny", "--backend", "vllm", "--vllm-enforce-eager",
                       "--dataset", "arithmetic", "--output-dir", str(tmp_path), "--num-problems", "3",
                       "--num-presamples", "2", "--population", "all", "--group-size", "2", "--num-truth", "3",
                       "--mc-k", "3", "--num-train-problems", "2", "--max-new-tokens", "8", "--no-train-filters",
