@@ -281,7 +281,7 @@ def test_sveb_end_to_end_with_vllm(tmp_path):
 
 
 @pytest.mark.parametrize("lora", [[], ["--lora-rank", "4", "--learning-rate", "1e-2"]], ids=["full", "lora"])
-def test_two_vllm_engines_under_torchrun(lora, tiny_vllm, tmp_path):
+def test_two_vllm_engines_under_torchrun(lora, tmp_path):
     """2 processes of torchrun, each with its own vLLM CPU engine generating its half of the prompts (and of the
     evaluation), gradients reduced over gloo; with LoRA the engines receive the merged weights. (vLLM samples from
     its engine's own generator, not per call: the 2 engines draw other samples than 1 would, so the first update
@@ -293,7 +293,7 @@ def test_two_vllm_engines_under_torchrun(lora, tiny_vllm, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "ppo.py", "--model", tiny_vllm, "--backend", "vllm", "--vllm-enforce-eager",
+                           "ppo.py", *TINY_TASK, "--backend", "vllm", "--vllm-enforce-eager",
                            "--output-dir", str(tmp_path), *SCRIPTS["ppo.py"], *lora],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
