@@ -200,7 +200,10 @@ def zero_loss(*outputs: torch.Tensor) -> torch.Tensor:
     log-probs, a critic's values): under torchrun a micro-batch one rank skips (the ratio guard) still runs its
     backward, so that this rank joins the gradient reduction the other ranks start in theirs (DDP's all-reduce,
     FSDP2's reduce-scatter, both hooked into backward), and adds nothing to its gradients. Log-probs and values
-    are finite, so 0 times them is exactly 0 (a diverged ratio, which may be inf, is not used)."""
+    are finite, so 0 times them is exactly 0 (a diverged ratio, which may be inf, is not used). One difference
+    remains: when every micro-batch of a minibatch is skipped on every rank, the optimizer steps on zero
+    gradients (AdamW's momentum still moves the weights), where one process has no gradients and AdamW leaves
+    the weights alone."""
     return sum((o.float() * 0.0).sum() for o in outputs)
 
 
