@@ -21,7 +21,6 @@ accuracy (first, best, last). Prints a markdown table.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
