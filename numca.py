@@ -23,6 +23,8 @@ Docs: docs/numca.md
 Run:  python numca.py                                                        # CPU, offline, default
       python numca.py --no-numca                                             # the GRPO/DAPO baseline
       python numca.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 numca.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python numca.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ import torch
 import torch.utils.checkpoint
 import tyro
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -131,6 +135,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     no_numca: bool = False
@@ -538,15 +552,15 @@ def main(args: Args) -> None:
     # The reference is loaded only with --kl-coef > 0.
     check_memory(args.model, device, trainable=1, frozen=int(args.kl_coef > 0), frozen_dtype=ref_dtype,
                  backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
-                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing, **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    # A reference model only when a KL term is asked for (DAPO has none).
-    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False) \
-        if args.kl_coef > 0 else None
+    # The policy: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    # A reference model only when a KL term is asked for (DAPO has none); with LoRA the policy with its adapters off.
+    reference = load_reference(args, policy, ref_dtype, device) if args.kl_coef > 0 else None
     # AdamW with TRL's defaults (eps 1e-8, no weight decay), which the official recipes keep, and their
     # constant learning rate (no warm-up), over the run's optimizer steps: num_steps x num_epochs x minibatches.
     total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
@@ -592,13 +606,18 @@ def main(args: Args) -> None:
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
         lengths = mask.sum(1).long()  # (B,)
+        # Under torchrun every rank holds the whole batch's rollouts and puts all of them into its copy of Numca's
+        # table (the same on every rank); each runs the model on its share of the prompts with all their samples
+        # (B below is then B / ranks). Without torchrun the share is every row.
+        batch = batch.rows(dist.share(torch.arange(len(mask))))
+        mask = batch.response_mask.to(device)  # (B, T) of this rank's rows
 
         # 2.3 Numca's own part: old log-probs (and the reference's), then per-segment advantages.
         # The micro-batches are fixed once per step: these no-grad passes and every epoch of the update see
         # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
         # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
-        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
+        micro_batches = torch.randperm(len(mask)).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -612,13 +631,13 @@ def main(args: Args) -> None:
         if args.no_numca:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
             per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
-            advantages = per_sample.to(device)[:, None] * mask  # (B, T)
+            advantages = dist.share(per_sample).to(device)[:, None] * mask  # (B, T)
             numca_stats = {}
         else:
             ids = [p.question for p in problems for _ in range(G)]  # prompt id per sample
             advantages, numca_stats = numca_advantages(table, tokenizer, ids, completions, scores, group_scale(std),
                                                        G, args.min_gap_tokens, args.lam)
-            advantages = advantages.to(device)  # built on the CPU from the table
+            advantages = dist.share(advantages)[:, : mask.shape[1]].to(device)  # built on the CPU from the table
         t_numca = time.time() - t0
 
         # 2.4 Update: num_epochs passes; each minibatch is `accumulation` micro-batches of the step's fixed
@@ -626,12 +645,13 @@ def main(args: Args) -> None:
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         skipped = 0
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
@@ -645,6 +665,8 @@ def main(args: Args) -> None:
                             else torch.zeros(())  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation.

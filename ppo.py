@@ -21,6 +21,8 @@ Departures from the official code (docs/ppo.md gives the reasons):
 Docs: docs/ppo.md
 Run:  python ppo.py                                                   # CPU, offline, default
       python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import tyro
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -126,6 +130,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     critic_learning_rate: float = 1e-5
@@ -161,10 +175,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance); 0 outside the mask."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    """(x - mean) / std over the masked entries (unbiased variance); 0 outside the mask. Under torchrun the mean
+    and the variance are the whole batch's: every rank's sums are added up (dist.all_sum)."""
+    n = dist.all_sum(mask.sum())
+    mean = dist.all_sum((x * mask).sum()) / n.clamp(min=1)
+    var = dist.all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -387,15 +402,16 @@ def main(args: Args) -> None:
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     check_memory(args.model, device, trainable=2, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
                  vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
-                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing, **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False)
-    critic = Critic(load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-                    .get_decoder(), policy.config.hidden_size).to(device)
+    # The trained models: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    reference = load_reference(args, policy, ref_dtype, device)  # with LoRA: the policy with its adapters off
+    critic = dist.wrap(Critic(load_trained(args, device, checkpointing).get_decoder(), policy.config.hidden_size)
+                       .to(device), args.fsdp)
     # AdamW as VinePPO's code sets it (eps 1e-8, no weight decay), warm-up then linear decay over the run's
     # optimizer steps: num_steps x num_epochs x minibatches per batch.
     total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
@@ -431,6 +447,9 @@ def main(args: Args) -> None:
         questions = [p.question for p in problems for _ in range(args.samples_per_prompt)]
         scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers,
                                               questions))
+        # Under torchrun every rank holds the whole batch's rollouts; each trains on its share of the prompts
+        # with all their samples (B below is then B / ranks).
+        prompts, completions, scores = dist.share(prompts), dist.share(completions), dist.share(scores)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
@@ -442,7 +461,7 @@ def main(args: Args) -> None:
         # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
         # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
-        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
+        micro_batches = torch.randperm(len(mask)).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -466,12 +485,13 @@ def main(args: Args) -> None:
         policy.train()
         critic.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         skipped = 0
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
@@ -484,6 +504,8 @@ def main(args: Args) -> None:
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean()  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs, critic_values(critic, sub)).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation. The policy's graph is

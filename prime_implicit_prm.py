@@ -25,6 +25,8 @@ Docs: docs/prime_implicit_prm.md
 Run:  python prime_implicit_prm.py                                    # CPU, offline, default
       python prime_implicit_prm.py --process-reward-coef 0            # the RLOO baseline
       python prime_implicit_prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm # one GPU
+      torchrun --nproc-per-node 8 prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ import torch.utils.checkpoint
 import tyro
 from tqdm import tqdm
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, Problem, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -132,6 +136,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     beta: float = 0.05
@@ -287,9 +301,11 @@ def official_prime_advantages(token_rewards: torch.Tensor, scores: torch.Tensor,
     process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
     mask = mask.to(process.dtype)
     returns = returns_to_go((process_weight * process + outcome_weight * outcome) * mask)
-    mean = masked_mean(returns, mask)
-    n = mask.sum()
-    var = masked_mean((returns - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # the official order of operations
+    # Under torchrun the whitening is over the whole batch: every rank's sums are added up (dist.all_sum).
+    n = dist.all_sum(mask.sum())
+    mean = dist.all_sum((returns * mask).sum()) / n.clamp(min=1)
+    var = dist.all_sum(((returns - mean) ** 2 * mask).sum()) / n.clamp(min=1)
+    var = var * n / (n - 1).clamp(min=1)  # the official order of operations
     return (returns - mean) * torch.rsqrt(var + 1e-8)
 
 
@@ -600,6 +616,9 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: RLOO needs --samples-per-prompt of at least 2 (a leave-one-out baseline)")
     if args.filter_low > args.filter_high:
         raise SystemExit(f"error: --filter-low {args.filter_low} must be <= --filter-high {args.filter_high}")
+    if args.ref_on_cpu and args.lora_rank:
+        raise SystemExit("error: --ref-on-cpu has nothing to move with --lora-rank: the reference is the policy's "
+                         "own base model (its adapters off)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -625,17 +644,20 @@ def main(args: Args) -> None:
     check_memory(args.model, device, trainable=1 + int(use_prm),
                  frozen=int(use_reference and not (args.ref_on_cpu and device.startswith("cuda"))),
                  frozen_dtype=ref_dtype, backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization,
-                 micro_batch=args.micro_batch_size, max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 micro_batch=args.micro_batch_size, max_new_tokens=args.max_new_tokens, checkpointing=checkpointing,
+                 **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    # The PRM and the reference start as copies of the policy. With --process-reward-coef 0 (plain RLOO) the
-    # PRM is not needed, and the reference only for a KL term.
-    prm = load_model(args.model, device=device, gradient_checkpointing=checkpointing) if use_prm else None
-    reference = load_model(args.model, dtype=ref_dtype, device="cpu" if args.ref_on_cpu else device).eval() \
-        .requires_grad_(False) if use_reference else None
+    # The trained models: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    # The PRM and the reference start as copies of the policy (with LoRA the reference is the policy with its
+    # adapters off). With --process-reward-coef 0 (plain RLOO) the PRM is not needed, and the reference only
+    # for a KL term.
+    prm = dist.wrap(load_trained(args, device, checkpointing), args.fsdp) if use_prm else None
+    reference = load_reference(args, policy, ref_dtype, "cpu" if args.ref_on_cpu else device) if use_reference \
+        else None
     # AdamW as PRIME's official code sets it (eps 1e-8; weight decay 0.01 for the policy, 0 for the PRM;
     # constant learning rate), each model with its own scheduler over its own optimizer steps: the policy
     # num_epochs x minibatches per step, the PRM one pass of minibatches per step.
@@ -670,6 +692,13 @@ def main(args: Args) -> None:
         t0 = time.time()
         K = args.samples_per_prompt
         kept, fill_stats = fill_step(generator, tokenizer, feed, args, step)
+        if dist.active():
+            # Every rank ran the same fill loop (its generation split over the ranks) and holds the same kept
+            # prompts; each trains on its share of them with all their samples, so their number is cut to a
+            # multiple of the ranks, the rest going back to the surplus (sampled again next step).
+            cut = len(kept) - len(kept) % dist.world()
+            feed.surplus = [p for p, _, _ in kept[cut:]] + feed.surplus
+            kept = dist.share(kept[:cut])
         t_gen = time.time() - t0
         if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
             run.log(step, fill_stats)
@@ -693,7 +722,7 @@ def main(args: Args) -> None:
         #     run the same arithmetic and the ratio is exactly 1 at unchanged weights.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
         micro_batches = torch.randperm(B).split(args.micro_batch_size)  # row indices, (b,) each
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -730,7 +759,8 @@ def main(args: Args) -> None:
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
@@ -745,6 +775,8 @@ def main(args: Args) -> None:
                             else None  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share of the minibatch's sequences.

@@ -29,6 +29,11 @@ token is kept: the outcome reward sits on it.
   update, and `sync_weights` wakes it; a sync that leaves any engine parameter without new weights stops
   the run on a GPU (see there). vLLM ignores `generate`'s seed (see there): its samples are reproducible
   per run, not per call. vLLM is imported only here, only when chosen.
+
+Under torchrun `make_generator` wraps either in a `ShardedGenerator`: every process calls `generate` with the
+same inputs, generates its contiguous share with its own engine, and gets every completion back. The weights it
+syncs are the policy's as a plain transformers model has them (common.models.sampler_weights: LoRA merged in,
+FSDP2's shards gathered).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+
+from common import distributed as dist
+from common.models import is_plain, load_weights, plain_model, sampler_weights
 
 # vLLM's KV cache on the CPU, in GiB, unless $VLLM_CPU_KVCACHE_SPACE says otherwise. vLLM's own default
 # takes most of the machine's memory (20 of 24 GiB on the development machine); 2 GiB hold ~90k tokens
@@ -96,11 +104,13 @@ class HFGenerator:
             bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(self.eos_ids),
             pad_token_id=tokenizer.pad_token_id,
         )
-        if dtype is None or dtype == model.dtype:
+        if is_plain(model) and (dtype is None or dtype == model.dtype):
             self.model = model  # sample from the policy itself: nothing to sync
-        else:
+        elif is_plain(model):
             self.model = copy.deepcopy(model).to(dtype)
-            self.model.config.use_cache = True
+        else:  # LoRA (merged in), DDP or FSDP2 (gathered whole): a plain copy of the same config
+            self.model = plain_model(model, dtype, model.device)
+        self.model.config.use_cache = True
         self.model.eval()
 
     def sleep(self) -> None:
@@ -108,13 +118,20 @@ class HFGenerator:
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
+        """Copy the policy's weights (LoRA merged in, FSDP2's shards gathered: common.models.sampler_weights)."""
         if self.model is not model:
-            self.model.load_state_dict(model.state_dict())
+            load_weights(self.model, sampler_weights(model))
 
     @torch.no_grad()
     def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int | list[int] = 256,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
-        """n completions for each input (temperature 0 = greedy). Same seed, same device: same output."""
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 first_row: int | None = None) -> list[list[Completion]]:
+        """n completions for each input (temperature 0 = greedy). Same seed, same device: same output.
+
+        `first_row` (ShardedGenerator's, under torchrun): the place of this call's first row in the whole
+        batch that the ranks share. torch's generator is then seeded again before each `generate` call from
+        `seed` and the global place of that call's first row, so that a rank draws the samples one process would
+        draw for the same rows whenever the chunks line up (--gen-batch-size divides each rank's rows)."""
         if seed is not None:
             torch.manual_seed(seed)
         budgets = [b for b in _budgets(inputs, max_new_tokens) for _ in range(n)]
@@ -131,6 +148,8 @@ class HFGenerator:
         try:
             for start in range(0, len(flat), self.batch_size):
                 chunk, chunk_budgets = flat[start : start + self.batch_size], budgets[start : start + self.batch_size]
+                if seed is not None and first_row is not None:
+                    torch.manual_seed(seed + 1_000_003 * (first_row + start))
                 if max(chunk_budgets) <= 0:
                     results.extend(_completion(self.tokenizer, self.eos_ids, []) for _ in chunk)
                     continue
@@ -224,15 +243,22 @@ class VLLMGenerator:
         # (the CPU only feeds the GPU) and is kept.
         # Building the engine also seeds Python's, NumPy's and torch's global generators with `seed` (vLLM's
         # set_random_seed): what the trainer draws afterwards differs from an hf-backend run of the same seed.
+        # Under torchrun: one engine per process, on this process's device, each with its own prompts (vLLM's
+        # torchrun mode, as TRL's colocate mode: the engines are vLLM's data-parallel ranks, tensor parallel 1,
+        # reusing torchrun's process group). Without it every engine would take the first GPU.
+        parallel = dict(distributed_executor_backend="external_launcher", data_parallel_size=dist.world()) \
+            if dist.active() else {}
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = LLM(
-                model=model_path, dtype=dtype, seed=seed, max_model_len=self.max_model_len,
+                # Under torchrun each engine its own seed: the same one would draw the same random numbers for
+                # every process's different prompts.
+                model=model_path, dtype=dtype, seed=seed + dist.rank(), max_model_len=self.max_model_len,
                 enable_prefix_caching=True, enforce_eager=enforce_eager,
                 # Random weights at start-up, not the checkpoint's: make_generator sends the policy's right after.
                 load_format="dummy",
                 # Neutral sampling defaults; SamplingParams below say everything that is used.
-                generation_config="vllm", **memory,
+                generation_config="vllm", **memory, **parallel,
             )
         finally:
             torch.set_num_threads = set_num_threads
@@ -267,7 +293,8 @@ class VLLMGenerator:
             self.llm.wake_up(tags=["weights"])  # KV cache after the load: more room for its temporaries
         # Checkpoint-format names and shapes (q/k/v separate, ...): vLLM fuses, shards and repacks them
         # itself. Tied weights appear once in named_parameters and vLLM ties them again.
-        weights = ((name, p.detach().to(self.dtype)) for name, p in model.named_parameters())
+        # LoRA's adapters merged in and FSDP2's shards gathered, one parameter at a time (sampler_weights).
+        weights = ((name, p.to(self.dtype)) for name, p in sampler_weights(model))
         with UnloadedWeights() as unloaded:
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
         if unloaded.names:
@@ -288,10 +315,11 @@ class VLLMGenerator:
         self.llm.reset_prefix_cache()  # cached keys/values belong to the old weights
 
     def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int | list[int] = 256,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 first_row: int | None = None) -> list[list[Completion]]:
         """n completions for each input (temperature 0 = greedy).
 
-        `seed` is not used: vLLM's CPU build fails on per-request seeds once a prompt's prefill is split
+        `seed` and `first_row` are not used: vLLM's CPU build fails on per-request seeds once a prompt's prefill is split
         across engine steps (it rewinds the random generator, which only CUDA generators support). The
         engine is seeded once (make_generator's seed, which also reseeds the process's Python, NumPy and
         torch generators) and then samples from the process's global generators: torch's on the CPU; on
@@ -321,6 +349,30 @@ class VLLMGenerator:
         return results
 
 
+class ShardedGenerator:
+    """Under torchrun: every rank calls `generate` with the same inputs (the whole batch's prompts, or VinePPO's
+    continuations); this rank generates its contiguous share of them with its own engine, and every rank gets
+    every completion back, in the inputs' order (an all-gather of the completions, token ids and text). An
+    input's n samples are generated on one rank. `sync_weights` and `sleep` go to this rank's engine."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def sleep(self) -> None:
+        self.inner.sleep()
+
+    def sync_weights(self, model) -> None:
+        self.inner.sync_weights(model)
+
+    def generate(self, inputs: list[list[int]], n: int = 1, max_new_tokens: int | list[int] = 256,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
+        first, end = dist.share_bounds(len(inputs))
+        budgets = _budgets(inputs, max_new_tokens)[first:end]
+        mine = self.inner.generate(inputs[first:end], n=n, max_new_tokens=budgets, temperature=temperature,
+                                   top_p=top_p, seed=seed, first_row=first * n) if end > first else []
+        return dist.gather(mine)
+
+
 def make_generator(backend: str, model, tokenizer, model_path: str, batch_size: int = 64,
                    dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3, seed: int = 0,
                    max_model_len: int | None = None, enforce_eager: bool = False):
@@ -329,8 +381,16 @@ def make_generator(backend: str, model, tokenizer, model_path: str, batch_size: 
     batch_size: sequences per hf `generate` call. gpu_memory_utilization: vLLM's share of the GPU (on the
     CPU its KV cache is $VLLM_CPU_KVCACHE_SPACE GiB, default CPU_KV_CACHE_GIB). max_model_len: vLLM's
     longest prompt + response (default: the model's context, at most MAX_MODEL_LEN_CAP). enforce_eager:
-    no torch.compile or CUDA graphs in vLLM (starts in seconds, generates slower).
+    no torch.compile or CUDA graphs in vLLM (starts in seconds, generates slower). Under torchrun each rank
+    has its own engine (vLLM on this rank's GPU, tensor parallel size 1), inside a ShardedGenerator.
     """
+    gen = _make_generator(backend, model, tokenizer, model_path, batch_size, dtype, gpu_memory_utilization, seed,
+                          max_model_len, enforce_eager)
+    return ShardedGenerator(gen) if dist.active() else gen
+
+
+def _make_generator(backend, model, tokenizer, model_path, batch_size, dtype, gpu_memory_utilization, seed,
+                    max_model_len, enforce_eager):
     if backend == "hf":
         return HFGenerator(model, tokenizer, batch_size=batch_size, dtype=getattr(torch, dtype))
     if backend == "vllm":

@@ -278,3 +278,32 @@ def test_sveb_end_to_end_with_vllm(tmp_path):
                       "--prm-minibatch-size", "2", "--micro-batch-size", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Initializing a V1 LLM engine" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4", "--learning-rate", "1e-2"]], ids=["full", "lora"])
+def test_two_vllm_engines_under_torchrun(lora, tmp_path):
+    """2 processes of torchrun, each with its own vLLM CPU engine generating its half of the prompts (and of the
+    evaluation), gradients reduced over gloo; with LoRA the engines receive the merged weights. (vLLM samples from
+    its engine's own generator, not per call: the 2 engines draw other samples than 1 would, so the first update
+    is compared across process counts with the hf backend, in tests/test_distributed.py.)"""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "ppo.py", *TINY_TASK, "--backend", "vllm", "--vllm-enforce-eager",
+                           "--output-dir", str(tmp_path), *SCRIPTS["ppo.py"], *lora],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in log, log[-4000:]
+    assert log.count("Initializing a V1 LLM engine") == 2  # one engine per rank
+    assert "were not loaded" not in log  # every engine parameter got its (merged) weights
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "losses/policy_loss" in r]
+    assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
+    from transformers import AutoModelForCausalLM
+
+    assert not any("lora" in k for k in AutoModelForCausalLM.from_pretrained(run_dir / "final_model").state_dict())
