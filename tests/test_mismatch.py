@@ -198,6 +198,21 @@ def test_top_p_logprobs_are_within_the_nucleus(tiny_model, tokenizer):
     assert gap[mask > 0].min() > 0.1  # a random model's nucleus at 0.5 holds about half its mass
 
 
+def test_hf_sampling_draws_what_transformers_own_warpers_draw(tiny_model, tokenizer):
+    """The backend applies temperature and top-p itself (so that its recorder reads the final scores): the tokens it
+    draws are those transformers' own warpers draw from the same seed."""
+    gen = HFGenerator(tiny_model, tokenizer, dtype=None)
+    ids = torch.tensor([PROMPTS[0]] * 3)
+    for top_p in (1.0, 0.8):
+        ours = [c.token_ids for c in gen.generate(PROMPTS[:1], n=3, max_new_tokens=10, temperature=0.7, top_p=top_p,
+                                                   seed=5)[0]]
+        torch.manual_seed(5)
+        theirs = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen.generation_config,
+                                     do_sample=True, temperature=0.7, top_p=top_p, top_k=0, max_new_tokens=10)
+        assert ours == [row[: len(o)] for row, o in zip(theirs[:, ids.shape[1]:].tolist(), ours)]
+        assert len(set(map(tuple, ours))) > 1  # real samples, not one greedy path
+
+
 def test_recorder_reads_each_drawn_token_once():
     rec = SampledLogprobs()
     scores = [torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 0.0, 0.0]])]
@@ -285,3 +300,19 @@ def test_end_to_end(script, mode, extra, tmp_path):
             assert r["mismatch/weight_max"] <= 1.0 and 0 <= r["mismatch/capped_frac"] <= 1
     if mode.startswith("token"):
         assert any(0 < r["mismatch/capped_frac"] < 1 for r in train)
+
+
+# ---- benchmarks/compare.py: the arms of issue 28 ----
+def test_compare_arms(tmp_path):
+    arms = {"grpo-nocorr": "numca.py --no-numca --rollout-correction none", "grpo-cispo": "numca.py --no-numca --loss cispo",
+            "numca-cispo": "numca.py --loss cispo", "hista-cispo": "hista.py --loss cispo"}
+    proc = run_script("benchmarks/compare.py", "--arms", *arms, "--seeds", "1", "--max-minutes", "1", "--out",
+                      str(tmp_path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[to run]")]
+    assert len(lines) == 4
+    for line, (arm, command) in zip(lines, arms.items()):
+        assert f" {command} --seed 1 --exp-name {arm} " in line, line
+    # the default comparison is unchanged: the new arms run only when named
+    proc = run_script("benchmarks/compare.py", "--seeds", "1", "--max-minutes", "1", "--out", str(tmp_path), "--dry-run")
+    assert proc.returncode == 0 and "cispo" not in proc.stdout and "nocorr" not in proc.stdout
