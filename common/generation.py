@@ -12,17 +12,19 @@ which is how VinePPO and the value benchmark "continue from a prefix": the compl
 what its prefix left of the response budget).
 
 Both backends sample from exactly the distribution whose log-probs the update uses: softmax(logits / T),
-then top-p, and nothing else. With every sampled completion they return the sampler's own log-prob of each
-token it drew (`Completion.logprobs`), computed by the sampler's numerics (the hf backend's bfloat16 copy,
-vLLM's kernels) from the very scores the token was drawn from: log softmax(logits / T) after top-p. With
-top-p < 1 that is the log-prob within the nucleus (renormalised over the tokens top-p kept), i.e. the
-probability the token was really drawn with; the learner's log softmax(logits / T) spreads over the whole
-vocabulary, so there the two differ by the log of the nucleus's mass on top of the numerics, and an
-importance weight learner / sampler corrects for both (what TRL does: vLLM's processed log-probs against a
-learner without top-p). Greedy completions (T = 0, the evaluations) carry none. A model's own generation config may ask for more (Qwen2.5-Instruct ships
+then top-p, and nothing else. A model's own generation config may ask for more (Qwen2.5-Instruct ships
 repetition_penalty 1.05 and top_k 20); both backends ignore it, except for its EOS tokens. Generation
 stops at the first token of the EOS set (the generation config's EOS ids and the tokenizer's), and that
 token is kept: the outcome reward sits on it.
+
+With every sampled completion both return the sampler's own log-prob of each token it drew
+(`Completion.logprobs`), computed with the sampler's numerics (the hf backend's bfloat16 copy, vLLM's kernels)
+from the very scores the token was drawn from: log softmax(logits / T) after top-p. With top-p < 1 that is the
+log-prob within the nucleus (renormalised over the tokens top-p kept), the probability the token was really
+drawn with; the learner's log softmax(logits / T) spreads over the whole vocabulary, so there the two differ by
+the log of the nucleus's mass on top of the numerics, and an importance weight learner / sampler corrects for
+both (as TRL's does: vLLM's processed log-probs against a learner without top-p). Greedy completions (T = 0,
+the evaluations) carry none.
 
 - `hf`: transformers `generate`, batched, CPU or GPU. It samples from its own copy of the policy in the
   generation dtype (bfloat16 runs 1.7x faster than float32 on the CPUs we measured, and is what vLLM
@@ -280,7 +282,8 @@ class VLLMGenerator:
                 # Neutral sampling defaults; SamplingParams below say everything that is used.
                 generation_config="vllm",
                 # The log-probs it returns are those of the scores it drew from (after temperature and top-p),
-                # as TRL asks for them, not the raw model's.
+                # as TRL asks for them, not the raw model's. On a GPU this keeps vLLM on its PyTorch sampler
+                # (FlashInfer's cannot return them), as in TRL.
                 logprobs_mode="processed_logprobs", **memory,
             )
         finally:
