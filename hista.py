@@ -5,8 +5,9 @@ closest prefixes among the rollouts of the same prompt in the batch. Prefixes ar
 between the policy's own last-layer hidden states over prompt and response (EMA-smoothed, averaged in windows
 of 5), taken from the forward pass that computes the old log-probs. States every --interval response tokens;
 each token of segment j gets R - V(state_j), divided by the group's reward std + 1e-4. The loss is DAPO's
-(clip 0.2 / 0.28, token-level mean, no KL). --no-hista gives plain GRPO/DAPO; `diff numca.py hista.py` shows
-only the estimators.
+(clip 0.2 / 0.28, token-level mean, no KL) or, with --loss cispo, CISPO's (cap 5), as TRL 0.29 computes them;
+each token's loss is weighted against the sampler-learner mismatch as TRL does by default (sequence_mask, cap 3).
+--no-hista gives plain GRPO/DAPO (or GRPO/CISPO); `diff numca.py hista.py` shows only the estimators.
 
 Departures from the official code (docs/hista.md gives the reasons):
 - textbook bias-corrected EMA from zero; official: seeded with h_0, run over the left-padded batch
@@ -19,8 +20,7 @@ Departures from the official code (docs/hista.md gives the reasons):
 - dynamic sampling is off by default (--dynamic-sampling-scale 2 is the official recipes')
 - CPU-sized defaults: 4 prompts x 8 (official 32), lr 1e-5, T 0.6, 4 optimizer steps on quarters of the batch
 - a micro-batch whose mean ratio exceeds --max-ratio is skipped (losses/skipped); TRL has no such guard
-- no sampler/learner importance-sampling correction (TRL 0.29 applies one by default with vLLM)
-- DAPO loss only (the official recipes also train with CISPO)
+- the sampler-learner correction applies with the hf backend too (TRL: with vLLM only), whose bf16 copy samples
 
 Docs: docs/hista.md
 
@@ -48,6 +48,7 @@ from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.grading import grade
+from common.mismatch import mismatch_stats, sampler_logprobs
 from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
 from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
                         resume_args, setup)
@@ -164,15 +165,27 @@ class Args:
     """distances are clamped below at this (weights 1 / d); depends on the model's hidden states"""
     lam: float = 1.0
     """lambda of the GAE-style pass over segments (1.0: R - V(state of the segment))"""
+    loss: Literal["dapo", "cispo"] = "dapo"
+    """policy loss, as TRL 0.29 computes it (the official recipes train with both): dapo, the clipped surrogate with
+    clip-higher; cispo, REINFORCE on each token's log-prob weighted by its ratio clipped above at --clip-eps-high
+    and detached (MiniMax-M1's CISPO; --clip-eps-low unused)"""
     clip_eps_low: float = 0.2
-    """PPO ratio clip below 1"""
-    clip_eps_high: float = 0.28
-    """PPO ratio clip above 1 (DAPO's clip-higher)"""
+    """PPO ratio clip below 1 (dapo)"""
+    clip_eps_high: float | None = None
+    """dapo: the ratio clip above 1 (clip-higher; default 0.28); cispo: the cap on the ratio itself (default 5.0).
+    Both defaults are the official recipes' epsilon_high"""
     kl_coef: float = 0.0
     """coefficient of a k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence;
     0: no reference model is loaded)"""
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "sequence_mask"
+    """importance weights p_learner / p_sampler on each token's policy loss, for the sampler-learner mismatch (TRL's
+    vllm_importance_sampling_mode; see rollout_correction). Default sequence_mask: TRL 0.29's default with vLLM,
+    which the official recipes keep"""
+    rollout_correction_cap: float = 3.0
+    """upper cap C of those weights: *_truncate clips a ratio at C, *_mask gives 0 above C (TRL's default, 3)"""
     dynamic_sampling_scale: int = 1
     """draw this many times --num-prompts prompts and train on the --num-prompts whose pass rate is nearest 0.5
     (the official recipes: 2; 1: off). Applies to the GRPO baseline too"""
@@ -428,18 +441,63 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
-    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean. Returns
-    (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
-    log-ratio is masked before the exp (see kl_k3)."""
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float,
+                    weights=None):
+    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean, each token's loss
+    times its rollout-correction weight (`weights`, (B, T); None: 1). Returns (loss, clip fraction, approx KL(old ||
+    new), mean ratio); the last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_high: float, weights=None):
+    """CISPO (MiniMax-M1, arXiv 2506.13585) as TRL 0.29 computes it (loss_type "cispo"): each token's loss is
+    -min(ratio, clip_eps_high) * A * log p, the clipped ratio detached, so that every token keeps a gradient (none is
+    clipped away as in PPO), scaled by at most the cap; token mean, each token's loss times its rollout-correction
+    weight (`weights`, (B, T); None: 1). The cap is on the ratio itself (TRL's epsilon_high, 5.0 in the recipes),
+    with no lower clip. Returns (loss, clip fraction, approx KL(old || new), mean ratio) as ppo_policy_loss; the
+    clip fraction is TRL's cispo_clip_ratio: the share of tokens with a ratio above the cap and A > 0."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    per_token = -torch.clamp(ratio, max=clip_eps_high).detach() * advantages * logprobs
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
+    clipfrac = masked_mean(((ratio > clip_eps_high) & (advantages > 0)).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def rollout_correction(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Importance weights for the sampler-learner mismatch: (B, T) weights on each response token's policy
+    loss. `logprobs` are the learner's old log-probs, `sampler_logprobs` the generator's own for the same
+    sampled tokens (with its numerics: a bfloat16 copy, or vLLM), both (B, T); the ratio is p_learner / p_sampler.
+    The modes are TRL's vllm_importance_sampling_mode (upper cap only):
+      none               1 on every response token (no correction)
+      token_truncate     each token's ratio, truncated at `cap`: min(ratio, cap)
+      token_mask         each token's ratio; a token whose ratio exceeds `cap` gets 0
+      sequence_truncate  one ratio per response, exp(sum of its tokens' log-ratios), truncated at `cap`
+      sequence_mask      that ratio, or 0 for the whole response when it exceeds `cap`
+    Weights are 0 outside `mask`. The log-ratio is masked before the exp (see kl_k3)."""
+    if mode == "none":
+        return mask.float()
+    log_ratio = (logprobs - sampler_logprobs) * mask  # (B, T)
+    if mode in ("sequence_truncate", "sequence_mask"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1): one ratio per response
+    elif mode not in ("token_truncate", "token_mask"):
+        raise ValueError(f"unknown rollout correction {mode!r}")
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=cap)
+    else:
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    return ratio * mask  # (B, T): a sequence's ratio on each of its tokens
 
 
 def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
@@ -569,6 +627,8 @@ def in_micro_batches(fn, batch: Batch, micro_batches):
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
     check_shared_args(args)
+    if args.clip_eps_high is None:  # the official recipes' epsilon_high for the chosen loss
+        args.clip_eps_high = 5.0 if args.loss == "cispo" else 0.28
     check_ranges(args, {">= 1": ["interval", "window", "k_max", "k_min", "dynamic_sampling_scale"],
                         ">= 0": ["kl_coef"], "> 0": ["clip_eps_low", "clip_eps_high", "max_ratio", "d_min"],
                         "in [0, 1]": ["lam"]})
@@ -667,6 +727,13 @@ def main(args: Args) -> None:
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
                                             micro_batches) * mask if reference is not None else None
         t_ref = time.time() - t0
+        #     The sampler's own log-probs of the same tokens against the learner's: the mismatch (logged), and
+        #     the rollout correction's weight on each token's policy loss (1 with --rollout-correction none).
+        sampled = sampler_logprobs(completions, device)  # (B, T)
+        is_weights = rollout_correction(old_logprobs, sampled, mask, args.rollout_correction,
+                                        args.rollout_correction_cap)  # (B, T)
+        mismatch = mismatch_stats(old_logprobs, sampled, mask, is_weights, args.rollout_correction,
+                                  args.rollout_correction_cap)
         t0 = time.time()
         std = group_std(scores.view(-1, G))  # (num_prompts,)
         if args.no_hista:
@@ -700,8 +767,13 @@ def main(args: Args) -> None:
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
-                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps_low, args.clip_eps_high)
+                        if args.loss == "cispo":  # REINFORCE on each token, times its ratio clipped above, detached
+                            losses = cispo_policy_loss(logprobs, cut(old_logprobs), cut(advantages), m,
+                                                       args.clip_eps_high, cut(is_weights))
+                        else:  # DAPO: the clipped surrogate with clip-higher
+                            losses = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages), m,
+                                                     args.clip_eps_low, args.clip_eps_high, cut(is_weights))
+                        pg_loss, clipfrac, approx_kl, ratio = losses
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else torch.zeros(())  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
@@ -735,6 +807,7 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/hista": t_hista, "time/update": t_update,
+            **mismatch,  # the sampler-learner mismatch and the rollout correction's weights
             "time/hista_share": t_hista / step_time,  # a wall-clock ratio: under time/, as the other timings
             **hista_stats,
         }

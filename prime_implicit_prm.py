@@ -48,6 +48,7 @@ from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, Problem, load_problems, prompt_ids
 from common.grading import grade
+from common.mismatch import mismatch_stats, sampler_logprobs
 from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
 from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
                         resume_args, setup)
@@ -178,6 +179,13 @@ class Args:
     sequence; the paper: none)"""
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "none"
+    """importance weights p_learner / p_sampler on each token's policy loss, for the sampler-learner mismatch (TRL's
+    vllm_importance_sampling_mode; see rollout_correction). Default none: PRIME's code recomputes the old log-probs
+    with the actor and never reads the sampler's"""
+    rollout_correction_cap: float = 3.0
+    """upper cap C of those weights: *_truncate clips a ratio at C, *_mask gives 0 above C (TRL's default, 3)"""
     ref_on_cpu: bool = False
     """keep the frozen reference on the CPU (slower; for GPUs short of memory). Its log-probs then come from the
     CPU's float32 arithmetic, the PRM's from the GPU's bf16 autocast: the process rewards start as rounding
@@ -374,17 +382,46 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
-    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, weights=None):
+    """Clipped surrogate, token mean, each token's loss times its rollout-correction weight (`weights`, (B, T); None:
+    1). Returns (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
+    log-ratio is masked before the exp (see kl_k3)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def rollout_correction(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Importance weights for the sampler-learner mismatch: (B, T) weights on each response token's policy
+    loss. `logprobs` are the learner's old log-probs, `sampler_logprobs` the generator's own for the same
+    sampled tokens (with its numerics: a bfloat16 copy, or vLLM), both (B, T); the ratio is p_learner / p_sampler.
+    The modes are TRL's vllm_importance_sampling_mode (upper cap only):
+      none               1 on every response token (no correction)
+      token_truncate     each token's ratio, truncated at `cap`: min(ratio, cap)
+      token_mask         each token's ratio; a token whose ratio exceeds `cap` gets 0
+      sequence_truncate  one ratio per response, exp(sum of its tokens' log-ratios), truncated at `cap`
+      sequence_mask      that ratio, or 0 for the whole response when it exceeds `cap`
+    Weights are 0 outside `mask`. The log-ratio is masked before the exp (see kl_k3)."""
+    if mode == "none":
+        return mask.float()
+    log_ratio = (logprobs - sampler_logprobs) * mask  # (B, T)
+    if mode in ("sequence_truncate", "sequence_mask"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1): one ratio per response
+    elif mode not in ("token_truncate", "token_mask"):
+        raise ValueError(f"unknown rollout correction {mode!r}")
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=cap)
+    else:
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    return ratio * mask  # (B, T): a sequence's ratio on each of its tokens
 
 
 def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
@@ -736,6 +773,13 @@ def main(args: Args) -> None:
                                         micro_batches).to(device) * mask[..., None]  # (B, T, 2); to: --ref-on-cpu
                 ref_raw, ref_logprobs = both.unbind(-1)  # (B, T) each
         t_ref = time.time() - t0
+        #     The sampler's own log-probs of the same tokens against the learner's: the mismatch (logged), and
+        #     the rollout correction's weight on each token's policy loss (1 with --rollout-correction none).
+        sampled = sampler_logprobs(completions, device)  # (B, T)
+        is_weights = rollout_correction(old_logprobs, sampled, mask, args.rollout_correction,
+                                        args.rollout_correction_cap)  # (B, T)
+        mismatch = mismatch_stats(old_logprobs, sampled, mask, is_weights, args.rollout_correction,
+                                  args.rollout_correction_cap)
         t0 = time.time()
         prime_stats = {}
         token_rewards = torch.zeros_like(mask)  # (B, T) process rewards; stay 0 without a PRM
@@ -769,8 +813,8 @@ def main(args: Args) -> None:
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
-                                                                              cut(advantages), m, args.clip_eps)
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
+                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps, cut(is_weights))
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else None  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
@@ -805,6 +849,7 @@ def main(args: Args) -> None:
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/prm": t_prm, "time/update": t_update,
+            **mismatch,  # the sampler-learner mismatch and the rollout correction's weights
             "time/prm_share": t_prm / step_time,  # a wall-clock ratio: under time/, as the other timings
             **fill_stats, **prime_stats,
         }

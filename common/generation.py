@@ -17,6 +17,15 @@ repetition_penalty 1.05 and top_k 20); both backends ignore it, except for its E
 stops at the first token of the EOS set (the generation config's EOS ids and the tokenizer's), and that
 token is kept: the outcome reward sits on it.
 
+With every sampled completion both return the sampler's own log-prob of each token it drew
+(`Completion.logprobs`), computed with the sampler's numerics (the hf backend's bfloat16 copy, vLLM's kernels)
+from the very scores the token was drawn from: log softmax(logits / T) after top-p. With top-p < 1 that is the
+log-prob within the nucleus (renormalised over the tokens top-p kept), the probability the token was really
+drawn with; the learner's log softmax(logits / T) spreads over the whole vocabulary, so there the two differ by
+the log of the nucleus's mass on top of the numerics, and an importance weight learner / sampler corrects for
+both (as TRL's does: vLLM's processed log-probs against a learner without top-p). Greedy completions (T = 0,
+the evaluations) carry none.
+
 - `hf`: transformers `generate`, batched, CPU or GPU. It samples from its own copy of the policy in the
   generation dtype (bfloat16 runs 1.7x faster than float32 on the CPUs we measured, and is what vLLM
   uses), refreshed by `sync_weights`. If the dtypes match it uses the policy itself.
@@ -45,7 +54,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from common import distributed as dist
 from common.models import is_plain, load_weights, plain_model, sampler_weights
@@ -64,6 +73,9 @@ class Completion:
     token_ids: list[int]  # generated tokens only; ends with an EOS token when `finished`
     text: str  # the generated text, special tokens dropped
     finished: bool  # True: ended on EOS. False: cut by its max_new_tokens (outcome reward 0)
+    # The sampler's log-prob of each token of token_ids, from the scores it was drawn from (after temperature
+    # and top-p); None for a greedy completion.
+    logprobs: list[float] | None = None
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -84,13 +96,38 @@ def _budgets(inputs: list[list[int]], max_new_tokens: int | list[int]) -> list[i
     return list(max_new_tokens)
 
 
-def _completion(tokenizer, eos_ids: set[int], new_tokens: list[int]) -> Completion:
-    """The response in `new_tokens`: up to and including its first EOS token, if any."""
-    for t, tok in enumerate(new_tokens):
-        if tok in eos_ids:
-            ids = new_tokens[: t + 1]
-            return Completion(ids, tokenizer.decode(ids, skip_special_tokens=True), True)
-    return Completion(new_tokens, tokenizer.decode(new_tokens, skip_special_tokens=True), False)
+def _completion(tokenizer, eos_ids: set[int], new_tokens: list[int], logprobs: list[float] | None = None) -> Completion:
+    """The response in `new_tokens`: up to and including its first EOS token, if any; `logprobs` (one per new
+    token, or None) cut to the same length."""
+    end = next((t + 1 for t, tok in enumerate(new_tokens) if tok in eos_ids), None)
+    ids = new_tokens if end is None else new_tokens[:end]
+    return Completion(ids, tokenizer.decode(ids, skip_special_tokens=True), end is not None,
+                      None if logprobs is None else list(logprobs[: len(ids)]))
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The last of `generate`'s logits processors: the scores it returns are the ones the next token is drawn
+    from (softmax(scores), after temperature and top-p), so it keeps their log-softmax, and at its next call
+    reads there the token that was drawn (now the last column of input_ids). The last drawn token is read by
+    `read` after `generate` returns. Memory: one (rows, vocabulary) float32 block, not one per step."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []  # (rows,) log-prob of the token drawn at each step so far
+        self.last: torch.Tensor | None = None  # (rows, V) log-softmax of the latest scores
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def read(self, new_tokens: torch.LongTensor) -> torch.Tensor:
+        """(rows, n) log-probs of the n generated tokens `new_tokens` (rows, n). The final token's is read here
+        unless a later call already did (transformers may undo a step it ran past the stop)."""
+        steps = self.steps[: new_tokens.shape[1]]
+        if len(steps) < new_tokens.shape[1]:
+            steps.append(self.last.gather(-1, new_tokens[:, -1:].to(self.last.device)).squeeze(-1))
+        return torch.stack(steps, dim=1)
 
 
 class HFGenerator:
@@ -136,8 +173,11 @@ class HFGenerator:
             torch.manual_seed(seed)
         budgets = [b for b in _budgets(inputs, max_new_tokens) for _ in range(n)]
         flat = [ids for ids in inputs for _ in range(n)]  # (len(inputs) * n) rows, input i's rows adjacent
-        # Sampling: softmax(logits / T) then top-p; top_k=0 turns off transformers' default of 50.
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        # Sampling: softmax(logits / T) then top-p, as transformers' own warpers compute them, followed by the
+        # processor that reads the drawn tokens' log-probs. generate is told T = 1, top-p 1 and top_k=0 (off
+        # instead of transformers' default of 50) so that it adds no warper of its own: it would place it after
+        # ours, and the recorded scores would not be the ones drawn from.
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 \
             else dict(do_sample=False)
         device = self.model.device
         pad = self.tokenizer.pad_token_id
@@ -151,7 +191,8 @@ class HFGenerator:
                 if seed is not None and first_row is not None:
                     torch.manual_seed(seed + 1_000_003 * (first_row + start))
                 if max(chunk_budgets) <= 0:
-                    results.extend(_completion(self.tokenizer, self.eos_ids, []) for _ in chunk)
+                    results.extend(_completion(self.tokenizer, self.eos_ids, [], [] if temperature > 0 else None)
+                                   for _ in chunk)
                     continue
                 width = max(len(ids) for ids in chunk)
                 # Left padding: every row's last input token sits in the last column, new tokens follow.
@@ -160,13 +201,20 @@ class HFGenerator:
                 for row, ids in enumerate(chunk):
                     input_ids[row, width - len(ids) :] = torch.tensor(ids)
                     attention_mask[row, width - len(ids) :] = 1
+                recorder = processors = None
+                if temperature > 0:
+                    recorder = SampledLogprobs()
+                    processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + (
+                        [TopPLogitsWarper(top_p)] if top_p < 1 else []) + [recorder])
                 # One call runs to the chunk's largest budget; each row keeps only its own.
                 out = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    max_new_tokens=max(chunk_budgets), **sampling,
+                    max_new_tokens=max(chunk_budgets), logits_processor=processors, **sampling,
                 )
-                for row, budget in zip(out[:, width:].tolist(), chunk_budgets):
-                    results.append(_completion(self.tokenizer, self.eos_ids, row[: max(budget, 0)]))
+                new = out[:, width:]
+                logprobs = recorder.read(new).tolist() if recorder else [None] * len(chunk)
+                for row, lps, budget in zip(new.tolist(), logprobs, chunk_budgets):
+                    results.append(_completion(self.tokenizer, self.eos_ids, row[: max(budget, 0)], lps))
         finally:
             self.model.generation_config = model_config
             self.model.train(was_training)
@@ -258,7 +306,11 @@ class VLLMGenerator:
                 # Random weights at start-up, not the checkpoint's: make_generator sends the policy's right after.
                 load_format="dummy",
                 # Neutral sampling defaults; SamplingParams below say everything that is used.
-                generation_config="vllm", **memory, **parallel,
+                generation_config="vllm",
+                # The log-probs it returns are those of the scores it drew from (after temperature and top-p),
+                # as TRL asks for them, not the raw model's. On a GPU this keeps vLLM on its PyTorch sampler
+                # (FlashInfer's cannot return them), as in TRL.
+                logprobs_mode="processed_logprobs", **memory, **parallel,
             )
         finally:
             torch.set_num_threads = set_num_threads
@@ -335,17 +387,24 @@ class VLLMGenerator:
             if len(ids) + budget > self.max_model_len:
                 raise SystemExit(f"error: a prompt of {len(ids)} tokens + {budget} new tokens is longer than the "
                                  f"vLLM engine's max_model_len {self.max_model_len}: raise --vllm-max-model-len")
-        # One SamplingParams per input, for its own budget.
+        # One SamplingParams per input, for its own budget. logprobs=0: the drawn token's log-prob only (a
+        # sampled completion's; greedy ones need none).
+        sampled = temperature > 0
         todo = [i for i, b in enumerate(budgets) if b > 0]  # vLLM needs max_tokens >= 1
         params = [SamplingParams(
             n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
             max_tokens=budgets[i], stop_token_ids=sorted(self.eos_ids), detokenize=False,
+            logprobs=0 if sampled else None,
         ) for i in todo]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=inputs[i]) for i in todo], params, use_tqdm=False)
-        results = [[_completion(self.tokenizer, self.eos_ids, []) for _ in range(n)] for _ in inputs]
+        results = [[_completion(self.tokenizer, self.eos_ids, [], [] if sampled else None) for _ in range(n)]
+                   for _ in inputs]
         for i, o in zip(todo, outs):
-            # vLLM keeps the stop token in token_ids; _completion cuts at the first EOS, as for hf.
-            results[i] = [_completion(self.tokenizer, self.eos_ids, list(c.token_ids)) for c in o.outputs]
+            # vLLM keeps the stop token in token_ids; _completion cuts at the first EOS, as for hf. Each position
+            # of c.logprobs maps token id -> Logprob; with logprobs=0 it holds the drawn token.
+            results[i] = [_completion(self.tokenizer, self.eos_ids, list(c.token_ids),
+                                      [pos[tok].logprob for pos, tok in zip(c.logprobs, c.token_ids)] if sampled
+                                      else None) for c in o.outputs]
         return results
 
 

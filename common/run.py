@@ -77,7 +77,8 @@ def resume_args(cls, args):
 
 
 def check_shared_args(args) -> None:
-    """The checks of the flags every trainer shares (each script's check_args adds its own): ranges, batch
+    """The checks of the flags every trainer shares (each script's check_args adds its own): ranges (a rollout
+    correction's cap below 1 would cut even the weights of tokens where sampler and learner agree), batch
     sizes that divide (under torchrun: over the ranks too), the response length default, LoRA and FSDP2's
     flags, CUDA, wandb and peft present when asked for."""
     world = int(os.environ.get("WORLD_SIZE", 1)) if dist.launched() else 1
@@ -107,7 +108,7 @@ def check_shared_args(args) -> None:
     check_ranges(args, {
         ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
                  "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len"],
+                 "keep_checkpoints", "vllm_max_model_len", "rollout_correction_cap"],
         ">= 0": ["learning_rate", "weight_decay", "num_logged_samples", "save_every"],
         "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes"],
         "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
