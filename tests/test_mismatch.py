@@ -159,19 +159,20 @@ def learner_logprobs(model, completions, temperature, module):
 
 def test_same_float32_numerics_give_no_mismatch(tiny_model, tokenizer):
     """Sampler = learner in float32 (the hf backend sampling from the policy itself, no autocast): the mismatch
-    is 0 up to rounding (a KV-cached decode against one full forward pass). The default bfloat16 copy is not."""
+    is 0 up to rounding (a KV-cached decode against one full forward pass: float32 sums in another order, over
+    logits of size ~20 for the taught tiny model, ~3e-5 at most). The default bfloat16 copy is not (> 1e-2)."""
     import numca
 
-    for dtype, tolerance in ((None, 1e-5), (torch.bfloat16, None)):
+    for dtype, tolerance in ((None, 1e-4), (torch.bfloat16, None)):
         gen = HFGenerator(tiny_model, tokenizer, dtype=dtype)
         completions = [c for row in gen.generate(PROMPTS, n=2, max_new_tokens=12, temperature=0.7, seed=0) for c in row]
         assert all(len(c.logprobs) == len(c.token_ids) for c in completions)
         learner, mask = learner_logprobs(tiny_model, completions, 0.7, numca)
         stats = mismatch_stats(learner, sampler_logprobs(completions, "cpu"), mask, mask, "none", 3.0)
         if tolerance is not None:
-            assert stats["mismatch/logp_abs_diff_max"] < tolerance and stats["mismatch/kl"] < 1e-10, stats
+            assert stats["mismatch/logp_abs_diff_max"] < tolerance and abs(stats["mismatch/kl"]) < 1e-8, stats
         else:  # the bfloat16 copy: a real gap, so the check above can fail
-            assert stats["mismatch/logp_abs_diff_max"] > 100 * 1e-5, stats
+            assert stats["mismatch/logp_abs_diff_max"] > 100 * 1e-4, stats
 
 
 def test_top_p_logprobs_are_within_the_nucleus(tiny_model, tokenizer):
@@ -195,7 +196,7 @@ def test_top_p_logprobs_are_within_the_nucleus(tiny_model, tokenizer):
     nucleus_mass = (probs * kept).sum(-1)  # (B, T)
     gap = (sampled - learner) * mask
     torch.testing.assert_close(gap, -nucleus_mass.log() * mask, rtol=1e-4, atol=1e-4)
-    assert gap[mask > 0].min() > 0.1  # a random model's nucleus at 0.5 holds about half its mass
+    assert gap[mask > 0].max() > 0.1  # some steps' nucleus at 0.5 leaves out a real share of the mass
 
 
 def test_hf_sampling_draws_what_transformers_own_warpers_draw(tiny_model, tokenizer):
@@ -204,11 +205,12 @@ def test_hf_sampling_draws_what_transformers_own_warpers_draw(tiny_model, tokeni
     gen = HFGenerator(tiny_model, tokenizer, dtype=None)
     ids = torch.tensor([PROMPTS[0]] * 3)
     for top_p in (1.0, 0.8):
-        ours = [c.token_ids for c in gen.generate(PROMPTS[:1], n=3, max_new_tokens=10, temperature=0.7, top_p=top_p,
+        # T = 1.5: the taught tiny model is sure of most tokens; hotter, its three samples differ
+        ours = [c.token_ids for c in gen.generate(PROMPTS[:1], n=3, max_new_tokens=10, temperature=1.5, top_p=top_p,
                                                    seed=5)[0]]
         torch.manual_seed(5)
         theirs = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen.generation_config,
-                                     do_sample=True, temperature=0.7, top_p=top_p, top_k=0, max_new_tokens=10)
+                                     do_sample=True, temperature=1.5, top_p=top_p, top_k=0, max_new_tokens=10)
         assert ours == [row[: len(o)] for row, o in zip(theirs[:, ids.shape[1]:].tolist(), ours)]
         assert len(set(map(tuple, ours))) > 1  # real samples, not one greedy path
 
