@@ -5,8 +5,9 @@ closest prefixes among the rollouts of the same prompt in the batch. Prefixes ar
 between the policy's own last-layer hidden states over prompt and response (EMA-smoothed, averaged in windows
 of 5), taken from the forward pass that computes the old log-probs. States every --interval response tokens;
 each token of segment j gets R - V(state_j), divided by the group's reward std + 1e-4. The loss is DAPO's
-(clip 0.2 / 0.28, token-level mean, no KL). --no-hista gives plain GRPO/DAPO; `diff numca.py hista.py` shows
-only the estimators.
+(clip 0.2 / 0.28, token-level mean, no KL) or, with --loss cispo, CISPO's (cap 5), as TRL 0.29 computes them;
+each token's loss is weighted against the sampler-learner mismatch as TRL does by default (sequence_mask, cap 3).
+--no-hista gives plain GRPO/DAPO (or GRPO/CISPO); `diff numca.py hista.py` shows only the estimators.
 
 Departures from the official code (docs/hista.md gives the reasons):
 - textbook bias-corrected EMA from zero; official: seeded with h_0, run over the left-padded batch
@@ -19,14 +20,15 @@ Departures from the official code (docs/hista.md gives the reasons):
 - dynamic sampling is off by default (--dynamic-sampling-scale 2 is the official recipes')
 - CPU-sized defaults: 4 prompts x 8 (official 32), lr 1e-5, T 0.6, 4 optimizer steps on quarters of the batch
 - a micro-batch whose mean ratio exceeds --max-ratio is skipped (losses/skipped); TRL has no such guard
-- no sampler/learner importance-sampling correction (TRL 0.29 applies one by default with vLLM)
-- DAPO loss only (the official recipes also train with CISPO)
+- the sampler-learner correction applies with the hf backend too (TRL: with vLLM only), whose bf16 copy samples
 
 Docs: docs/hista.md
 
 Run:  python hista.py                                                        # CPU, offline, default
       python hista.py --no-hista                                             # the GRPO/DAPO baseline
       python hista.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 hista.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python hista.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ import torch
 import torch.utils.checkpoint
 import tyro
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.mismatch import mismatch_stats, sampler_logprobs
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -132,6 +137,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     no_hista: bool = False
@@ -150,15 +165,27 @@ class Args:
     """distances are clamped below at this (weights 1 / d); depends on the model's hidden states"""
     lam: float = 1.0
     """lambda of the GAE-style pass over segments (1.0: R - V(state of the segment))"""
+    loss: Literal["dapo", "cispo"] = "dapo"
+    """policy loss, as TRL 0.29 computes it (the official recipes train with both): dapo, the clipped surrogate with
+    clip-higher; cispo, REINFORCE on each token's log-prob weighted by its ratio clipped above at --clip-eps-high
+    and detached (MiniMax-M1's CISPO; --clip-eps-low unused)"""
     clip_eps_low: float = 0.2
-    """PPO ratio clip below 1"""
-    clip_eps_high: float = 0.28
-    """PPO ratio clip above 1 (DAPO's clip-higher)"""
+    """PPO ratio clip below 1 (dapo)"""
+    clip_eps_high: float | None = None
+    """dapo: the ratio clip above 1 (clip-higher; default 0.28); cispo: the cap on the ratio itself (default 5.0).
+    Both defaults are the official recipes' epsilon_high"""
     kl_coef: float = 0.0
     """coefficient of a k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence;
     0: no reference model is loaded)"""
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "sequence_mask"
+    """importance weights p_learner / p_sampler on each token's policy loss, for the sampler-learner mismatch (TRL's
+    vllm_importance_sampling_mode; see rollout_correction). Default sequence_mask: TRL 0.29's default with vLLM,
+    which the official recipes keep"""
+    rollout_correction_cap: float = 3.0
+    """upper cap C of those weights: *_truncate clips a ratio at C, *_mask gives 0 above C (TRL's default, 3)"""
     dynamic_sampling_scale: int = 1
     """draw this many times --num-prompts prompts and train on the --num-prompts whose pass rate is nearest 0.5
     (the official recipes: 2; 1: off). Applies to the GRPO baseline too"""
@@ -414,18 +441,63 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float):
-    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean. Returns
-    (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
-    log-ratio is masked before the exp (see kl_k3)."""
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low: float, clip_eps_high: float,
+                    weights=None):
+    """Clipped surrogate with DAPO's clip-higher (ratio kept in [1 - low, 1 + high]), token mean, each token's loss
+    times its rollout-correction weight (`weights`, (B, T); None: 1). Returns (loss, clip fraction, approx KL(old ||
+    new), mean ratio); the last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_high: float, weights=None):
+    """CISPO (MiniMax-M1, arXiv 2506.13585) as TRL 0.29 computes it (loss_type "cispo"): each token's loss is
+    -min(ratio, clip_eps_high) * A * log p, the clipped ratio detached, so that every token keeps a gradient (none is
+    clipped away as in PPO), scaled by at most the cap; token mean, each token's loss times its rollout-correction
+    weight (`weights`, (B, T); None: 1). The cap is on the ratio itself (TRL's epsilon_high, 5.0 in the recipes),
+    with no lower clip. Returns (loss, clip fraction, approx KL(old || new), mean ratio) as ppo_policy_loss; the
+    clip fraction is TRL's cispo_clip_ratio: the share of tokens with a ratio above the cap and A > 0."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    per_token = -torch.clamp(ratio, max=clip_eps_high).detach() * advantages * logprobs
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
+    clipfrac = masked_mean(((ratio > clip_eps_high) & (advantages > 0)).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def rollout_correction(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Importance weights for the sampler-learner mismatch: (B, T) weights on each response token's policy
+    loss. `logprobs` are the learner's old log-probs, `sampler_logprobs` the generator's own for the same
+    sampled tokens (with its numerics: a bfloat16 copy, or vLLM), both (B, T); the ratio is p_learner / p_sampler.
+    The modes are TRL's vllm_importance_sampling_mode (upper cap only):
+      none               1 on every response token (no correction)
+      token_truncate     each token's ratio, truncated at `cap`: min(ratio, cap)
+      token_mask         each token's ratio; a token whose ratio exceeds `cap` gets 0
+      sequence_truncate  one ratio per response, exp(sum of its tokens' log-ratios), truncated at `cap`
+      sequence_mask      that ratio, or 0 for the whole response when it exceeds `cap`
+    Weights are 0 outside `mask`. The log-ratio is masked before the exp (see kl_k3)."""
+    if mode == "none":
+        return mask.float()
+    log_ratio = (logprobs - sampler_logprobs) * mask  # (B, T)
+    if mode in ("sequence_truncate", "sequence_mask"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1): one ratio per response
+    elif mode not in ("token_truncate", "token_mask"):
+        raise ValueError(f"unknown rollout correction {mode!r}")
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=cap)
+    else:
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    return ratio * mask  # (B, T): a sequence's ratio on each of its tokens
 
 
 def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
@@ -555,6 +627,8 @@ def in_micro_batches(fn, batch: Batch, micro_batches):
 def check_args(args: Args) -> None:
     """Reject out-of-range values and inconsistent batch sizes before anything is loaded or written."""
     check_shared_args(args)
+    if args.clip_eps_high is None:  # the official recipes' epsilon_high for the chosen loss
+        args.clip_eps_high = 5.0 if args.loss == "cispo" else 0.28
     check_ranges(args, {">= 1": ["interval", "window", "k_max", "k_min", "dynamic_sampling_scale"],
                         ">= 0": ["kl_coef"], "> 0": ["clip_eps_low", "clip_eps_high", "max_ratio", "d_min"],
                         "in [0, 1]": ["lam"]})
@@ -581,15 +655,15 @@ def main(args: Args) -> None:
     # The reference is loaded only with --kl-coef > 0.
     check_memory(args.model, device, trainable=1, frozen=int(args.kl_coef > 0), frozen_dtype=ref_dtype,
                  backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
-                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing, **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    # A reference model only when a KL term is asked for (DAPO has none).
-    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False) \
-        if args.kl_coef > 0 else None
+    # The policy: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    # A reference model only when a KL term is asked for (DAPO has none); with LoRA the policy with its adapters off.
+    reference = load_reference(args, policy, ref_dtype, device) if args.kl_coef > 0 else None
     # AdamW with TRL's defaults (eps 1e-8, no weight decay), which the official recipes keep, and their
     # constant learning rate (no warm-up), over the run's optimizer steps: num_steps x num_epochs x minibatches.
     total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
@@ -628,6 +702,9 @@ def main(args: Args) -> None:
         problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
         completions = [c for i in keep for c in outs[i]]  # (B,) prompt-major: sample j of prompt i at i*G + j
         scores = drawn_scores[keep].flatten()  # (B,)
+        # Under torchrun every rank holds the whole batch's rollouts; each trains on its share of the prompts with
+        # all their samples (B below is then B / ranks): Hista's kNN runs within a group, on the rank that holds it.
+        prompts, completions, scores = dist.share(prompts), dist.share(completions), dist.share(scores)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
@@ -639,7 +716,7 @@ def main(args: Args) -> None:
         # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
         # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
-        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
+        micro_batches = torch.randperm(len(mask)).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -650,11 +727,18 @@ def main(args: Args) -> None:
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
                                             micro_batches) * mask if reference is not None else None
         t_ref = time.time() - t0
+        #     The sampler's own log-probs of the same tokens against the learner's: the mismatch (logged), and
+        #     the rollout correction's weight on each token's policy loss (1 with --rollout-correction none).
+        sampled = sampler_logprobs(completions, device)  # (B, T)
+        is_weights = rollout_correction(old_logprobs, sampled, mask, args.rollout_correction,
+                                        args.rollout_correction_cap)  # (B, T)
+        mismatch = mismatch_stats(old_logprobs, sampled, mask, is_weights, args.rollout_correction,
+                                  args.rollout_correction_cap)
         t0 = time.time()
-        std = group_std(scores.view(args.num_prompts, G))  # (num_prompts,)
+        std = group_std(scores.view(-1, G))  # (num_prompts,)
         if args.no_hista:
             #   GRPO: every token of response i gets (R_i - group mean) / (group std + 1e-4)
-            per_sample = grpo_advantages(scores.view(args.num_prompts, G)).flatten()  # (B,)
+            per_sample = grpo_advantages(scores.view(-1, G)).flatten()  # (B,)
             advantages = per_sample.to(device)[:, None] * mask  # (B, T)
             hista_stats = {}
         else:
@@ -669,12 +753,13 @@ def main(args: Args) -> None:
         t0 = time.time()
         policy.train()
         stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         skipped = 0
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
@@ -682,12 +767,19 @@ def main(args: Args) -> None:
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
-                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps_low, args.clip_eps_high)
+                        if args.loss == "cispo":  # REINFORCE on each token, times its ratio clipped above, detached
+                            losses = cispo_policy_loss(logprobs, cut(old_logprobs), cut(advantages), m,
+                                                       args.clip_eps_high, cut(is_weights))
+                        else:  # DAPO: the clipped surrogate with clip-higher
+                            losses = ppo_policy_loss(logprobs, cut(old_logprobs), cut(advantages), m,
+                                                     args.clip_eps_low, args.clip_eps_high, cut(is_weights))
+                        pg_loss, clipfrac, approx_kl, ratio = losses
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else torch.zeros(())  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation.
@@ -715,6 +807,7 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/hista": t_hista, "time/update": t_update,
+            **mismatch,  # the sampler-learner mismatch and the rollout correction's weights
             "time/hista_share": t_hista / step_time,  # a wall-clock ratio: under time/, as the other timings
             **hista_stats,
         }

@@ -21,6 +21,8 @@ Departures from the official code (docs/ppo.md gives the reasons):
 Docs: docs/ppo.md
 Run:  python ppo.py                                                   # CPU, offline, default
       python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm   # one GPU
+      torchrun --nproc-per-node 8 ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python ppo.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import tyro
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.mismatch import mismatch_stats, sampler_logprobs
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -126,6 +131,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     critic_learning_rate: float = 1e-5
@@ -142,6 +157,13 @@ class Args:
     """coefficient of the k3 KL to the reference in the loss (per token clamped to [0, 10], summed per sequence)"""
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "none"
+    """importance weights p_learner / p_sampler on each token's policy loss, for the sampler-learner mismatch (TRL's
+    vllm_importance_sampling_mode; see rollout_correction). Default none: VinePPO's code, whose PPO this is,
+    recomputes the old log-probs with the trained model and never reads the sampler's"""
+    rollout_correction_cap: float = 3.0
+    """upper cap C of those weights: *_truncate clips a ratio at C, *_mask gives 0 above C (TRL's default, 3)"""
     whiten_advantages: bool = True
     """normalise advantages over the batch's response tokens"""
 
@@ -161,10 +183,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance); 0 outside the mask."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    """(x - mean) / std over the masked entries (unbiased variance); 0 outside the mask. Under torchrun the mean
+    and the variance are the whole batch's: every rank's sums are added up (dist.all_sum)."""
+    n = dist.all_sum(mask.sum())
+    mean = dist.all_sum((x * mask).sum()) / n.clamp(min=1)
+    var = dist.all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -216,17 +239,46 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
-    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, weights=None):
+    """Clipped surrogate, token mean, each token's loss times its rollout-correction weight (`weights`, (B, T); None:
+    1). Returns (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
+    log-ratio is masked before the exp (see kl_k3)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def rollout_correction(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Importance weights for the sampler-learner mismatch: (B, T) weights on each response token's policy
+    loss. `logprobs` are the learner's old log-probs, `sampler_logprobs` the generator's own for the same
+    sampled tokens (with its numerics: a bfloat16 copy, or vLLM), both (B, T); the ratio is p_learner / p_sampler.
+    The modes are TRL's vllm_importance_sampling_mode (upper cap only):
+      none               1 on every response token (no correction)
+      token_truncate     each token's ratio, truncated at `cap`: min(ratio, cap)
+      token_mask         each token's ratio; a token whose ratio exceeds `cap` gets 0
+      sequence_truncate  one ratio per response, exp(sum of its tokens' log-ratios), truncated at `cap`
+      sequence_mask      that ratio, or 0 for the whole response when it exceeds `cap`
+    Weights are 0 outside `mask`. The log-ratio is masked before the exp (see kl_k3)."""
+    if mode == "none":
+        return mask.float()
+    log_ratio = (logprobs - sampler_logprobs) * mask  # (B, T)
+    if mode in ("sequence_truncate", "sequence_mask"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1): one ratio per response
+    elif mode not in ("token_truncate", "token_mask"):
+        raise ValueError(f"unknown rollout correction {mode!r}")
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=cap)
+    else:
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    return ratio * mask  # (B, T): a sequence's ratio on each of its tokens
 
 
 def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
@@ -387,15 +439,16 @@ def main(args: Args) -> None:
     # Fail now, with one line, if the run clearly cannot fit (estimated from the config: no weight is loaded).
     check_memory(args.model, device, trainable=2, frozen=1, frozen_dtype=ref_dtype, backend=args.backend,
                  vllm_share=args.vllm_gpu_memory_utilization, micro_batch=args.micro_batch_size,
-                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 max_new_tokens=args.max_new_tokens, checkpointing=checkpointing, **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    reference = load_model(args.model, dtype=ref_dtype, device=device).eval().requires_grad_(False)
-    critic = Critic(load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-                    .get_decoder(), policy.config.hidden_size).to(device)
+    # The trained models: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    reference = load_reference(args, policy, ref_dtype, device)  # with LoRA: the policy with its adapters off
+    critic = dist.wrap(Critic(load_trained(args, device, checkpointing).get_decoder(), policy.config.hidden_size)
+                       .to(device), args.fsdp)
     # AdamW as VinePPO's code sets it (eps 1e-8, no weight decay), warm-up then linear decay over the run's
     # optimizer steps: num_steps x num_epochs x minibatches per batch.
     total_opt_steps = args.num_steps * args.num_epochs * (args.batch_size // args.minibatch_size)
@@ -431,6 +484,9 @@ def main(args: Args) -> None:
         questions = [p.question for p in problems for _ in range(args.samples_per_prompt)]
         scores = torch.tensor(outcome_rewards([c.text for c in completions], [c.finished for c in completions], answers,
                                               questions))
+        # Under torchrun every rank holds the whole batch's rollouts; each trains on its share of the prompts
+        # with all their samples (B below is then B / ranks).
+        prompts, completions, scores = dist.share(prompts), dist.share(completions), dist.share(scores)
         batch = make_batch([p for p in prompts for _ in range(args.samples_per_prompt)],
                            [c.token_ids for c in completions], tokenizer.pad_token_id)
         mask = batch.response_mask.to(device)  # (B, T), on the run's device as every (B, T) tensor the loss reads
@@ -442,7 +498,7 @@ def main(args: Args) -> None:
         # the same rows with the same padding, so in bf16 they run the same arithmetic and the ratio is
         # exactly 1 at unchanged weights. The epochs shuffle the order of micro-batches, not their contents.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
-        micro_batches = torch.randperm(args.batch_size).split(args.micro_batch_size)  # row indices, (b,) each
+        micro_batches = torch.randperm(len(mask)).split(args.micro_batch_size)  # row indices, (b,) each
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -451,6 +507,13 @@ def main(args: Args) -> None:
             ref_logprobs = in_micro_batches(lambda b: response_logprobs(reference, b, args.temperature), batch,
                                             micro_batches) * mask  # (B, T)
         t_ref = time.time() - t0
+        #     The sampler's own log-probs of the same tokens against the learner's: the mismatch (logged), and
+        #     the rollout correction's weight on each token's policy loss (1 with --rollout-correction none).
+        sampled = sampler_logprobs(completions, device)  # (B, T)
+        is_weights = rollout_correction(old_logprobs, sampled, mask, args.rollout_correction,
+                                        args.rollout_correction_cap)  # (B, T)
+        mismatch = mismatch_stats(old_logprobs, sampled, mask, is_weights, args.rollout_correction,
+                                  args.rollout_correction_cap)
         t0 = time.time()
         with torch.no_grad(), autocast():
             critic.eval()
@@ -466,12 +529,13 @@ def main(args: Args) -> None:
         policy.train()
         critic.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_k3")}
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         skipped = 0
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
                     m = sub.response_mask.to(device)  # (b, t): the micro-batch trimmed to its longest response
@@ -479,11 +543,13 @@ def main(args: Args) -> None:
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
-                                                                              cut(advantages), m, args.clip_eps)
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
+                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps, cut(is_weights))
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean()  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs, critic_values(critic, sub)).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share 1 / accumulation. The policy's graph is
@@ -520,6 +586,7 @@ def main(args: Args) -> None:
             "losses/entropy": np.mean(stats["entropy"]), "losses/kl_ref_k3": np.mean(stats["kl_k3"]),
             "losses/kl_ref_k1": kl_k1, "losses/explained_variance": explained_var, "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/critic": t_critic, "time/update": t_update,
+            **mismatch,  # the sampler-learner mismatch and the rollout correction's weights
         }
         run.log(step, logs)
         if run.end_step(step):

@@ -25,6 +25,8 @@ Docs: docs/prime_implicit_prm.md
 Run:  python prime_implicit_prm.py                                    # CPU, offline, default
       python prime_implicit_prm.py --process-reward-coef 0            # the RLOO baseline
       python prime_implicit_prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --backend vllm # one GPU
+      torchrun --nproc-per-node 8 prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --fsdp   # 8 GPUs
+      python prime_implicit_prm.py --model Qwen/Qwen2.5-7B-Instruct --backend vllm --lora-rank 16   # LoRA, one GPU
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ import torch.utils.checkpoint
 import tyro
 from tqdm import tqdm
 
+from common import distributed as dist
 from common.args import check_ranges
 from common.data import DEFAULT_DATASET, DataError, Problem, load_problems, prompt_ids
 from common.grading import grade
-from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_model, load_tokenizer
-from common.run import Run, check_shared_args, make_run_generator, resume_args, setup
+from common.mismatch import mismatch_stats, sampler_logprobs
+from common.models import DEFAULT_MODEL, ModelLoadError, check_memory, load_tokenizer
+from common.run import (Run, check_shared_args, load_reference, load_trained, make_run_generator, memory_layout,
+                        resume_args, setup)
 
 
 @dataclass
@@ -132,6 +137,16 @@ class Args:
     """vLLM's context length in tokens (None: the model's own limit, at most 4096)"""
     vllm_enforce_eager: bool = False
     """vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (the tests use it)"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models' weights, gradients and optimizer state over the processes
+    (FSDP2's fully_shard; the frozen reference is sharded too) instead of replicating them (DDP)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) on the policy (and the critic / PRM) instead of every weight;
+    0: full fine-tuning. The reference is then the base model with the adapters off"""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator: an adapter's update is scaled by lora_alpha / lora_rank (None: 2 x lora_rank)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear (every linear layer but the LM head), or names: q_proj,v_proj"""
 
     # ---- algorithm specific arguments ----
     beta: float = 0.05
@@ -164,6 +179,13 @@ class Args:
     sequence; the paper: none)"""
     max_ratio: float = 10.0
     """skip a micro-batch whose mean ratio pi/pi_old exceeds this (VinePPO's code); counted in losses/skipped"""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "none"
+    """importance weights p_learner / p_sampler on each token's policy loss, for the sampler-learner mismatch (TRL's
+    vllm_importance_sampling_mode; see rollout_correction). Default none: PRIME's code recomputes the old log-probs
+    with the actor and never reads the sampler's"""
+    rollout_correction_cap: float = 3.0
+    """upper cap C of those weights: *_truncate clips a ratio at C, *_mask gives 0 above C (TRL's default, 3)"""
     ref_on_cpu: bool = False
     """keep the frozen reference on the CPU (slower; for GPUs short of memory). Its log-probs then come from the
     CPU's float32 arithmetic, the PRM's from the GPU's bf16 autocast: the process rewards start as rounding
@@ -287,9 +309,11 @@ def official_prime_advantages(token_rewards: torch.Tensor, scores: torch.Tensor,
     process, outcome = official_prime_rewards(token_rewards, scores, mask, K)
     mask = mask.to(process.dtype)
     returns = returns_to_go((process_weight * process + outcome_weight * outcome) * mask)
-    mean = masked_mean(returns, mask)
-    n = mask.sum()
-    var = masked_mean((returns - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # the official order of operations
+    # Under torchrun the whitening is over the whole batch: every rank's sums are added up (dist.all_sum).
+    n = dist.all_sum(mask.sum())
+    mean = dist.all_sum((returns * mask).sum()) / n.clamp(min=1)
+    var = dist.all_sum(((returns - mean) ** 2 * mask).sum()) / n.clamp(min=1)
+    var = var * n / (n - 1).clamp(min=1)  # the official order of operations
     return (returns - mean) * torch.rsqrt(var + 1e-8)
 
 
@@ -358,17 +382,46 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(0, max_kl) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate, token mean. Returns (loss, clip fraction, approx KL(old || new), mean ratio); the
-    last three are detached statistics. The log-ratio is masked before the exp (see kl_k3)."""
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, weights=None):
+    """Clipped surrogate, token mean, each token's loss times its rollout-correction weight (`weights`, (B, T); None:
+    1). Returns (loss, clip fraction, approx KL(old || new), mean ratio); the last three are detached statistics. The
+    log-ratio is masked before the exp (see kl_k3)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac.detach(), approx_kl.detach(), masked_mean(ratio, mask).detach()
+
+
+def rollout_correction(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Importance weights for the sampler-learner mismatch: (B, T) weights on each response token's policy
+    loss. `logprobs` are the learner's old log-probs, `sampler_logprobs` the generator's own for the same
+    sampled tokens (with its numerics: a bfloat16 copy, or vLLM), both (B, T); the ratio is p_learner / p_sampler.
+    The modes are TRL's vllm_importance_sampling_mode (upper cap only):
+      none               1 on every response token (no correction)
+      token_truncate     each token's ratio, truncated at `cap`: min(ratio, cap)
+      token_mask         each token's ratio; a token whose ratio exceeds `cap` gets 0
+      sequence_truncate  one ratio per response, exp(sum of its tokens' log-ratios), truncated at `cap`
+      sequence_mask      that ratio, or 0 for the whole response when it exceeds `cap`
+    Weights are 0 outside `mask`. The log-ratio is masked before the exp (see kl_k3)."""
+    if mode == "none":
+        return mask.float()
+    log_ratio = (logprobs - sampler_logprobs) * mask  # (B, T)
+    if mode in ("sequence_truncate", "sequence_mask"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1): one ratio per response
+    elif mode not in ("token_truncate", "token_mask"):
+        raise ValueError(f"unknown rollout correction {mode!r}")
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=cap)
+    else:
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    return ratio * mask  # (B, T): a sequence's ratio on each of its tokens
 
 
 def lr_multiplier(opt_step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
@@ -600,6 +653,9 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: RLOO needs --samples-per-prompt of at least 2 (a leave-one-out baseline)")
     if args.filter_low > args.filter_high:
         raise SystemExit(f"error: --filter-low {args.filter_low} must be <= --filter-high {args.filter_high}")
+    if args.ref_on_cpu and args.lora_rank:
+        raise SystemExit("error: --ref-on-cpu has nothing to move with --lora-rank: the reference is the policy's "
+                         "own base model (its adapters off)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -625,17 +681,20 @@ def main(args: Args) -> None:
     check_memory(args.model, device, trainable=1 + int(use_prm),
                  frozen=int(use_reference and not (args.ref_on_cpu and device.startswith("cuda"))),
                  frozen_dtype=ref_dtype, backend=args.backend, vllm_share=args.vllm_gpu_memory_utilization,
-                 micro_batch=args.micro_batch_size, max_new_tokens=args.max_new_tokens, checkpointing=checkpointing)
+                 micro_batch=args.micro_batch_size, max_new_tokens=args.max_new_tokens, checkpointing=checkpointing,
+                 **memory_layout(args))
 
     train_problems = load_problems(args.dataset, "train", size=args.num_train_problems, seed=args.seed)
     eval_problems = load_problems(args.dataset, "test", size=args.num_eval_problems, seed=0)
     tokenizer = load_tokenizer(args.model)
-    policy = load_model(args.model, device=device, gradient_checkpointing=checkpointing)
-    # The PRM and the reference start as copies of the policy. With --process-reward-coef 0 (plain RLOO) the
-    # PRM is not needed, and the reference only for a KL term.
-    prm = load_model(args.model, device=device, gradient_checkpointing=checkpointing) if use_prm else None
-    reference = load_model(args.model, dtype=ref_dtype, device="cpu" if args.ref_on_cpu else device).eval() \
-        .requires_grad_(False) if use_reference else None
+    # The trained models: LoRA adapters with --lora-rank; under torchrun wrapped in DDP (or FSDP2 with --fsdp).
+    policy = dist.wrap(load_trained(args, device, checkpointing), args.fsdp)
+    # The PRM and the reference start as copies of the policy (with LoRA the reference is the policy with its
+    # adapters off). With --process-reward-coef 0 (plain RLOO) the PRM is not needed, and the reference only
+    # for a KL term.
+    prm = dist.wrap(load_trained(args, device, checkpointing), args.fsdp) if use_prm else None
+    reference = load_reference(args, policy, ref_dtype, "cpu" if args.ref_on_cpu else device) if use_reference \
+        else None
     # AdamW as PRIME's official code sets it (eps 1e-8; weight decay 0.01 for the policy, 0 for the PRM;
     # constant learning rate), each model with its own scheduler over its own optimizer steps: the policy
     # num_epochs x minibatches per step, the PRM one pass of minibatches per step.
@@ -670,6 +729,13 @@ def main(args: Args) -> None:
         t0 = time.time()
         K = args.samples_per_prompt
         kept, fill_stats = fill_step(generator, tokenizer, feed, args, step)
+        if dist.active():
+            # Every rank ran the same fill loop (its generation split over the ranks) and holds the same kept
+            # prompts; each trains on its share of them with all their samples, so their number is cut to a
+            # multiple of the ranks, the rest going back to the surplus (sampled again next step).
+            cut = len(kept) - len(kept) % dist.world()
+            feed.surplus = [p for p, _, _ in kept[cut:]] + feed.surplus
+            kept = dist.share(kept[:cut])
         t_gen = time.time() - t0
         if not kept:  # every drawn prompt was all right or all wrong: nothing to learn from this step
             run.log(step, fill_stats)
@@ -693,7 +759,7 @@ def main(args: Args) -> None:
         #     run the same arithmetic and the ratio is exactly 1 at unchanged weights.
         generator.sleep()  # vLLM on a GPU frees its weights and KV cache until the next sync; no-op otherwise
         micro_batches = torch.randperm(B).split(args.micro_batch_size)  # row indices, (b,) each
-        accumulation = args.minibatch_size // args.micro_batch_size
+        accumulation = args.minibatch_size // dist.world() // args.micro_batch_size  # micro-batches per minibatch
         t0 = time.time()
         with torch.no_grad(), autocast():
             policy.eval()
@@ -707,6 +773,13 @@ def main(args: Args) -> None:
                                         micro_batches).to(device) * mask[..., None]  # (B, T, 2); to: --ref-on-cpu
                 ref_raw, ref_logprobs = both.unbind(-1)  # (B, T) each
         t_ref = time.time() - t0
+        #     The sampler's own log-probs of the same tokens against the learner's: the mismatch (logged), and
+        #     the rollout correction's weight on each token's policy loss (1 with --rollout-correction none).
+        sampled = sampler_logprobs(completions, device)  # (B, T)
+        is_weights = rollout_correction(old_logprobs, sampled, mask, args.rollout_correction,
+                                        args.rollout_correction_cap)  # (B, T)
+        mismatch = mismatch_stats(old_logprobs, sampled, mask, is_weights, args.rollout_correction,
+                                  args.rollout_correction_cap)
         t0 = time.time()
         prime_stats = {}
         token_rewards = torch.zeros_like(mask)  # (B, T) process rewards; stay 0 without a PRM
@@ -730,7 +803,8 @@ def main(args: Args) -> None:
         lr = policy_sched.get_last_lr()[0]  # the learning rate of this step's first optimizer step
         for _ in range(args.num_epochs):
             for group in torch.randperm(len(micro_batches)).split(accumulation):
-                mb_tokens = sum(mask[micro_batches[i]].sum() for i in group)  # token-mean over the minibatch
+                # token-mean over the minibatch (under torchrun: each rank's share of it, see dist.rank_mean)
+                mb_tokens = dist.rank_mean(sum(mask[micro_batches[i]].sum() for i in group))
                 rows_in_minibatch = sum(len(micro_batches[i]) for i in group)
                 for micro in (micro_batches[i] for i in group):
                     sub = batch.rows(micro)
@@ -739,12 +813,14 @@ def main(args: Args) -> None:
                     weight = m.sum() / mb_tokens
                     with autocast():
                         logprobs, entropy = response_logprobs(policy, sub, args.temperature, with_entropy=True)
-                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(logprobs, cut(old_logprobs),
-                                                                              cut(advantages), m, args.clip_eps)
+                        pg_loss, clipfrac, approx_kl, ratio = ppo_policy_loss(
+                            logprobs, cut(old_logprobs), cut(advantages), m, args.clip_eps, cut(is_weights))
                         kl = kl_k3(logprobs, cut(ref_logprobs), m).sum(1).mean() if reference is not None \
                             else None  # summed per sequence
                     if ratio > args.max_ratio:  # a diverged micro-batch: skip it, as VinePPO's code does
                         skipped += 1
+                        if dist.active():  # every rank joins each gradient reduction: a backward of zero
+                            dist.zero_loss(logprobs).backward()
                         continue
                     # weight turns micro-batch token means into the minibatch token mean; the KL, a mean
                     # over sequences, takes each micro-batch's share of the minibatch's sequences.
@@ -773,6 +849,7 @@ def main(args: Args) -> None:
             "losses/clipfrac": np.mean(stats["clipfrac"]), "losses/approx_kl": np.mean(stats["approx_kl"]),
             "losses/entropy": np.mean(stats["entropy"]), "losses/skipped": skipped,
             "time/generation": t_gen, "time/reference": t_ref, "time/prm": t_prm, "time/update": t_update,
+            **mismatch,  # the sampler-learner mismatch and the rollout correction's weights
             "time/prm_share": t_prm / step_time,  # a wall-clock ratio: under time/, as the other timings
             **fill_stats, **prime_stats,
         }

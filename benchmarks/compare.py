@@ -6,7 +6,8 @@
     python benchmarks/compare.py --samples 640 --dry-run       # equal samples instead; print the commands
 
 An arm is a script and its flags (ARMS below: `grpo` is `numca.py --no-numca`, `rloo` is
-`prime_implicit_prm.py --process-reward-coef 0`). Each run is the unchanged script, launched as a subprocess
+`prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo` and `hista-cispo`,
+run only when named in --arms, are GRPO without the sampler-learner correction and the three with CISPO's loss). Each run is the unchanged script, launched as a subprocess
 with the same seed, evaluation set (the first --num-eval-problems test problems: every script draws them
 with seed 0), evaluation cadence (--eval-every steps) and budget as the other arms; this file re-implements
 nothing and reads nothing but the scripts' own files. Equal runs of two arms at one seed share their first
@@ -63,7 +64,15 @@ ARMS: dict[str, tuple[str, list[str], str | None]] = {
     "hista": ("hista.py", [], "grpo"),
     "rloo": ("prime_implicit_prm.py", ["--process-reward-coef", "0"], None),
     "prime": ("prime_implicit_prm.py", [], "rloo"),
+    # Issue 28, on request (--arms): grpo's sampler-learner correction (TRL's sequence_mask, numca.py's default)
+    # against none; and the official recipes' other loss, CISPO, for the baseline and both estimators.
+    "grpo-nocorr": ("numca.py", ["--no-numca", "--rollout-correction", "none"], "grpo"),
+    "grpo-cispo": ("numca.py", ["--no-numca", "--loss", "cispo"], None),
+    "numca-cispo": ("numca.py", ["--loss", "cispo"], "grpo-cispo"),
+    "hista-cispo": ("hista.py", ["--loss", "cispo"], "grpo-cispo"),
 }
+# The arms run when --arms is not given: every method and its baseline (the others answer narrower questions).
+DEFAULT_ARMS = ["ppo", "vineppo", "grpo", "numca", "hista", "rloo", "prime"]
 
 
 def batch_size(script: str, flags: list[str]) -> int:
@@ -209,8 +218,8 @@ def start(arm: str, seed: int, opts, extra: list[str]) -> tuple[subprocess.Popen
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
-                        help=f"arms to run, from: {' '.join(ARMS)} (default: all)")
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), metavar="ARM",
+                        help=f"arms to run, from: {' '.join(ARMS)} (default: {' '.join(DEFAULT_ARMS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of every run")
     parser.add_argument("--samples", type=int, default=None, help="sampled training responses per run instead")

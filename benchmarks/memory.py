@@ -84,6 +84,29 @@ def estimate_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int
     return "\n".join(lines)
 
 
+def parallel_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int = 8, prompt_len: int = 256,
+                   response_len: int = 1024, lora_rank: int = 16, gpus: tuple[int, ...] = (4, 8)) -> str:
+    """The README's table past one GPU, for Qwen2.5-7B in the setting of estimate_table: LoRA adapters of rank
+    `lora_rank` on every linear layer on one GPU (bf16 base, the reference the base itself), and full fine-tuning
+    sharded by FSDP2 over each number of GPUs in `gpus` (per GPU: weights, gradients, optimizer state and the
+    frozen reference split; vLLM's share and the activations whole on every GPU)."""
+    shape = shape_of("qwen2.5-7b")
+    settings = [(f"LoRA r{lora_rank}, 1 GPU", dict(lora_rank=lora_rank, base_bytes=2), True)]
+    settings += [(f"full, FSDP2 over {n} GPUs", dict(shards=n), False) for n in gpus]
+    lines = ["| script | " + " | ".join(label for label, _, _ in settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for label, (trainable, frozen, frozen_bytes) in HOLDS.items():
+        cells = []
+        for _, layout, lora in settings:
+            parts = training_memory_gib(shape, trainable, 0 if lora else frozen, frozen_bytes, 0, micro_batch,
+                                        prompt_len + response_len, response_len, True, **layout)
+            p = memory_phases(parts, cuda=True, vllm_gib=share * total_gib)
+            verdict = ": refused" if p["need"] > total_gib else (": within the margin" if p["need"] * 1.15 > total_gib
+                                                                 else "")
+            cells.append(f"{p['update']:.1f} / {p['generation']:.1f}{verdict}")
+        lines.append(f"| `{label.split(' (')[0]}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build(shape: str, device: str, checkpointing: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -175,6 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(estimate_table())
+        print()
+        print(parallel_table())
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu")

@@ -177,10 +177,20 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     gradient_checkpointing: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_target_modules: str = "all-linear",
 ) -> PreTrainedModel:
-    """A causal LM on `device` in `dtype` ("float32", "bfloat16" or "float16")."""
+    """A causal LM on `device` in `dtype` ("float32", "bfloat16" or "float16").
+
+    With `lora_rank` > 0: a PEFT model whose only trained parameters are LoRA adapters of that rank (float32,
+    scaled by lora_alpha / lora_rank; default alpha: 2 x rank) on `lora_target_modules` ("all-linear": every
+    linear layer but the LM head, or a comma-separated list of module names such as "q_proj,v_proj"); the base
+    weights are frozen, and on CUDA loaded in bfloat16 (half the memory; the CPU keeps `dtype`)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if lora_rank and device.startswith("cuda"):
+        dtype = "bfloat16"
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
@@ -193,7 +203,121 @@ def load_model(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_target_modules if lora_target_modules == "all-linear" else lora_target_modules.split(",")
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, target_modules=targets,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # a target module the model does not have
+            raise ModelLoadError(f"--lora-target-modules {lora_target_modules}: {first_line(e)}") from None
+        if gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
+        for p in model.parameters():  # the adapters train in float32 whatever the base's dtype
+            if p.requires_grad:
+                p.data = p.data.float()
     return model
+
+
+def is_lora(model) -> bool:
+    """True for a PEFT model (what load_model returns with lora_rank > 0), wrapped in DDP or not."""
+    from common.distributed import unwrap
+
+    return hasattr(unwrap(model), "disable_adapter")
+
+
+def is_plain(model) -> bool:
+    """A transformers model as loaded: not LoRA, not in DDP, not sharded by FSDP2 (which keeps its class)."""
+    from common.distributed import is_sharded
+
+    return isinstance(model, PreTrainedModel) and not is_sharded(model)
+
+
+class AdapterOff:
+    """The frozen reference under LoRA: the policy's own base weights with its adapters switched off for each
+    forward (PEFT's disable_adapter), instead of a second copy of the model. It reads as the reference model
+    does where the trainers use it (called with the same arguments, `.device`), always without gradients."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @property
+    def device(self):
+        return self.policy.device
+
+    def __call__(self, **kwargs):
+        from common.distributed import unwrap
+
+        model = unwrap(self.policy)  # a no-grad forward needs no DDP; FSDP2 gathers its shards in forward
+        with torch.no_grad(), model.disable_adapter():
+            return model(**kwargs)
+
+    def eval(self) -> "AdapterOff":
+        return self
+
+    def requires_grad_(self, requires_grad: bool = False) -> "AdapterOff":
+        return self
+
+
+def sampler_weights(model):
+    """(name, tensor) for every parameter of `model` as a plain transformers model names it, for a sampler or
+    the final save: DDP's wrapper removed; FSDP2's shards gathered one parameter at a time (a collective: every
+    rank iterates it, in the same order); LoRA's adapters merged in (W + scaling x B @ A, PEFT's
+    get_delta_weight). Tied weights appear once, as in named_parameters."""
+    from common.distributed import unwrap
+
+    model = unwrap(model)
+    lora = is_lora(model)
+    inner = model.get_base_model() if lora else model
+    params = dict(inner.named_parameters())
+
+    def whole(p):
+        return p.full_tensor() if hasattr(p, "full_tensor") else p  # a DTensor under FSDP2
+
+    for name, p in params.items():
+        if ".lora_" in name:
+            continue
+        w = whole(p).detach()
+        if lora and ".base_layer." in name:
+            owner, leaf = name.split(".base_layer.")
+            if leaf == "weight":
+                layer = inner.get_submodule(owner)
+                for adapter in layer.active_adapters:
+                    a = whole(params[f"{owner}.lora_A.{adapter}.weight"]).detach()
+                    b = whole(params[f"{owner}.lora_B.{adapter}.weight"]).detach()
+                    w = (w.float() + layer.scaling[adapter] * (b.float() @ a.float())).to(w.dtype)
+            name = f"{owner}.{leaf}"
+        yield name, w
+
+
+def plain_model(model, dtype: torch.dtype | None = None, device=None) -> PreTrainedModel:
+    """A plain transformers model (the same config) holding `model`'s sampler_weights: what a LoRA, DDP or
+    FSDP2 policy samples from with the hf backend and is saved as at the end. A collective under FSDP2."""
+    from common.distributed import unwrap
+
+    base = unwrap(model)
+    base = base.get_base_model() if is_lora(base) else base
+    plain = AutoModelForCausalLM.from_config(base.config, dtype=dtype or torch.float32)
+    plain.generation_config = base.generation_config
+    if device is not None:
+        plain.to(device)
+    load_weights(plain, sampler_weights(model))
+    return plain
+
+
+@torch.no_grad()
+def load_weights(plain: PreTrainedModel, weights) -> None:
+    """Copy (name, tensor) pairs from sampler_weights into a plain model's parameters (cast to their dtype);
+    every parameter must receive one."""
+    own = dict(plain.named_parameters())
+    missing = set(own)
+    for name, w in weights:
+        own[name].copy_(w)
+        missing.discard(name)
+    if missing:
+        raise RuntimeError(f"no weights for {len(missing)} parameter(s) of the copy: {sorted(missing)[:3]}")
 
 
 def default_device() -> str:
@@ -230,8 +354,16 @@ MEMORY_MARGIN = 0.15  # the estimate's own margin: the activation formula is wit
 LOGSOFTMAX_CHUNK = 256  # positions per float32 log-softmax chunk (the trainers' response_logprobs default)
 
 
+def lora_params(shape: dict, rank: int) -> int:
+    """Parameters of rank-`rank` LoRA adapters on every linear layer of the decoder ("all-linear"): rank x (in +
+    out) per layer, with the key/value projections counted at the hidden size (an upper bound under grouped-query
+    attention): q, k, v, o: 8 x hidden; gate, up, down: 3 x (hidden + intermediate)."""
+    return rank * shape["layers"] * (11 * shape["hidden"] + 3 * shape["intermediate"])
+
+
 def training_memory_gib(shape: dict, trainable: int, frozen: int, frozen_bytes: int, sampler_bytes: int,
-                        micro_batch: int, seq_len: int, response_len: int, checkpointing: bool) -> dict[str, float]:
+                        micro_batch: int, seq_len: int, response_len: int, checkpointing: bool, *,
+                        lora_rank: int = 0, base_bytes: int = 4, shards: int = 1) -> dict[str, float]:
     """Estimated memory of one training process by part, in GiB (a planning figure, not a bound), before
     the allowances check_memory adds (CUDA context, vLLM, the allocator's overhead).
 
@@ -252,22 +384,37 @@ def training_memory_gib(shape: dict, trainable: int, frozen: int, frozen_bytes: 
       log-softmax chunk being recomputed, with its exponentials and gradient (3 x 4 x vocab bytes per position).
     Held during the optimizer step, when the micro-batches' memory is free again:
     - `optimizer_step`: AdamW's temporaries (torch's foreach implementation: one float32 copy of the model).
+
+    With `lora_rank` > 0 a trained model holds its frozen base weights (`base_bytes` per parameter: 2 in
+    bfloat16 on CUDA, 4 in float32 on the CPU) and float32 adapters (lora_params), which alone have gradients,
+    AdamW moments, autocast copies and optimizer temporaries; the reference is the base with the adapters off
+    (the caller passes frozen=0). With `shards` > 1 (FSDP2 over that many ranks) the trained models' weights,
+    gradients and optimizer state, and the frozen models, are split over the ranks; a gathered layer (its
+    float32 weights and gradients, `fsdp_gather`) is held whole while it runs. Activations are per rank.
     """
     gib = 2**30
+    P = shape["params"]
+    if lora_rank:  # what trains is the adapters; the base weights are held like a frozen model's
+        A = lora_params(shape, lora_rank)
+        weights, trained = (base_bytes * P + 12 * A) / shards, A
+    else:
+        weights, trained = 12 * P / shards, P
+    layer = P / shape["layers"]  # one decoder layer's parameters, roughly (embeddings spread over the layers)
     tokens = micro_batch * seq_len
     per_layer = 30 * shape["hidden"] + 10 * shape["intermediate"]
     layers = 4 * shape["hidden"] * shape["layers"] + per_layer if checkpointing else per_layer * shape["layers"]
     response_tokens = micro_batch * response_len
     return {
-        "trainable": trainable * 12 * shape["params"] / gib,
-        "gradients": trainable * 4 * shape["params"] / gib,
-        "frozen": frozen * frozen_bytes * shape["params"] / gib,
-        "sampler": sampler_bytes * shape["params"] / gib,
-        "autocast": (2 * shape["params"] if trainable else 0) / gib,
+        "trainable": trainable * weights / gib,
+        "gradients": trainable * 4 * trained / (1 if lora_rank else shards) / gib,
+        "frozen": frozen * frozen_bytes * P / shards / gib,
+        "sampler": sampler_bytes * P / gib,
+        "fsdp_gather": (8 * layer if trainable and shards > 1 else 0) / gib,
+        "autocast": (2 * trained if trainable else 0) / gib,
         "activations": (tokens * layers + response_tokens * 2 * shape["vocab"]) / gib,
         "logits_grad": (response_tokens * 2 * shape["vocab"]
                         + 3 * 4 * min(LOGSOFTMAX_CHUNK, response_tokens) * shape["vocab"]) / gib,
-        "optimizer_step": (4 * shape["params"] if trainable else 0) / gib,
+        "optimizer_step": (4 * trained / (1 if lora_rank else shards) if trainable else 0) / gib,
     }
 
 
@@ -279,7 +426,8 @@ def memory_phases(parts: dict[str, float], cuda: bool, vllm_gib: float = 0.0) ->
     allocator's overhead on the short-lived tensors, and with vLLM what it keeps while asleep.
     Returns {"update", "generation", "need"}: need is the larger of the two."""
     held = parts["trainable"] + parts["frozen"] + parts["sampler"]
-    transient = max(parts["autocast"] + parts["activations"] + parts["logits_grad"], parts["optimizer_step"])
+    transient = max(parts["autocast"] + parts["activations"] + parts["logits_grad"] + parts.get("fsdp_gather", 0.0),
+                    parts["optimizer_step"])
     update, generation = held + parts["gradients"] + transient, held
     if cuda:
         asleep = VLLM_ASLEEP_GIB if vllm_gib else 0.0
@@ -298,25 +446,30 @@ def device_memory_gib(device: str) -> float:
 
 def check_memory(name: str, device: str, *, trainable: int, frozen: int, frozen_dtype: str, backend: str,
                  vllm_share: float, micro_batch: int, max_new_tokens: int, checkpointing: bool,
-                 prompt_len: int = 256) -> dict:
+                 prompt_len: int = 256, lora_rank: int = 0, shards: int = 1) -> dict:
     """Refuse, before any weight is loaded, a run whose estimated memory exceeds the device's total
     (for example full fine-tuning of a 7B model with a critic on one 80 GB GPU), with a one-line error that
     says what to change; warn when the estimate is within its own margin (MEMORY_MARGIN) of the total.
-    Prompts are assumed to be `prompt_len` tokens long. Returns the estimate: {"parts", "update", "generation",
-    "need", "total"} in GiB."""
+    Prompts are assumed to be `prompt_len` tokens long. `lora_rank` > 0: LoRA adapters train, the base is
+    frozen, and the reference is the base itself (no copy); `shards`: the ranks FSDP2 shards over (1: none, or
+    DDP, which replicates). The estimate is per process (per GPU under torchrun). Returns the estimate:
+    {"parts", "update", "generation", "need", "total"} in GiB."""
     shape = model_shape(name)
-    parts = training_memory_gib(shape, trainable, frozen, 2 if frozen_dtype == "bfloat16" else 4,
-                                2 if backend == "hf" else 0, micro_batch, prompt_len + max_new_tokens,
-                                max_new_tokens, checkpointing)
-    total = device_memory_gib(device)
     cuda = device.startswith("cuda")
+    parts = training_memory_gib(shape, trainable, 0 if lora_rank else frozen, 2 if frozen_dtype == "bfloat16" else 4,
+                                2 if backend == "hf" else 0, micro_batch, prompt_len + max_new_tokens,
+                                max_new_tokens, checkpointing, lora_rank=lora_rank, base_bytes=2 if cuda else 4,
+                                shards=shards)
+    total = device_memory_gib(device)
     vllm_gib = vllm_share * total if cuda and backend == "vllm" else 0.0
     phases = memory_phases(parts, cuda, vllm_gib)
     need = phases["need"]
     detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v >= 0.05)
     if vllm_gib:
         detail += f", vllm {vllm_gib:.1f}"
-    hint = "lower --micro-batch-size or --max-new-tokens"
+    hint = "lower --micro-batch-size or --max-new-tokens" + ("" if lora_rank else ", train LoRA adapters (--lora-rank 16)")
+    if not lora_rank and shards == 1:
+        hint += ", shard over several GPUs (torchrun --nproc-per-node N ... --fsdp)"
     if not checkpointing:
         hint += ", use --gradient-checkpointing on"
     if backend == "vllm" and cuda:

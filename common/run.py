@@ -22,6 +22,12 @@ What a run folder holds (`{output_dir}/{exp_name}__{seed}__{unix time}`):
   --track the same numbers go to Weights & Biases too (its files under `wandb/` in the run folder);
 - `checkpoints/step_NNNNNN/` (common/checkpoint.py) and `final_model/` (save_pretrained, written whole or not
   at all).
+
+Under torchrun (common/distributed.py) every process runs all of the above; rank 0 alone writes the folder. The
+logged numbers are averaged over the processes, the held-out evaluation is generated split over them, and they
+stop together (--max-minutes, Ctrl-C). A checkpoint holds whole tensors (FSDP2's shards gathered), so a run may
+resume with another number of processes; with LoRA it holds what trains (adapters, a value head), and the base
+is --model again. The final model is a plain transformers model (LoRA merged in).
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed as dist
 from common.args import check_device, check_ranges
 from common.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args, set_rng_state
 from common.data import default_max_new_tokens, prompt_ids
 from common.generation import make_generator
 from common.grading import grade
-from common.models import default_device, resolve_model_path
+from common.models import AdapterOff, default_device, is_plain, load_model, plain_model, resolve_model_path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,12 +77,38 @@ def resume_args(cls, args):
 
 
 def check_shared_args(args) -> None:
-    """The checks of the flags every trainer shares (each script's check_args adds its own): ranges, batch
-    sizes that divide, the response length default, CUDA and wandb present when asked for."""
+    """The checks of the flags every trainer shares (each script's check_args adds its own): ranges (a rollout
+    correction's cap below 1 would cut even the weights of tokens where sampler and learner agree), batch
+    sizes that divide (under torchrun: over the ranks too), the response length default, LoRA and FSDP2's
+    flags, CUDA, wandb and peft present when asked for."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if dist.launched() else 1
+    if args.lora_rank < 0:
+        raise SystemExit(f"error: --lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise SystemExit(f"error: --lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.lora_rank:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --lora-rank needs peft: pip install -r requirements.txt") from None
+    if args.fsdp and world == 1:
+        raise SystemExit("error: --fsdp shards the models over the processes of torchrun: run with "
+                         "torchrun --nproc-per-node N (N >= 2)")
+    if world > 1:
+        if args.num_prompts % world:
+            raise SystemExit(f"error: --num-prompts {args.num_prompts} must divide by the {world} processes of "
+                             f"torchrun (each trains on its share of the prompts, all their samples)")
+        share = args.num_prompts // world * args.samples_per_prompt
+        if share % args.micro_batch_size or (args.minibatch_size // world) % args.micro_batch_size \
+                or args.minibatch_size % world:
+            raise SystemExit(f"error: under torchrun each of the {world} processes takes {share} samples of "
+                             f"every batch and --minibatch-size / {world} of every minibatch: "
+                             f"--micro-batch-size {args.micro_batch_size} must divide both "
+                             f"(--minibatch-size {args.minibatch_size})")
     check_ranges(args, {
         ">= 1": ["num_steps", "num_prompts", "samples_per_prompt", "max_new_tokens", "num_epochs", "minibatch_size",
                  "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
-                 "keep_checkpoints", "vllm_max_model_len"],
+                 "keep_checkpoints", "vllm_max_model_len", "rollout_correction_cap"],
         ">= 0": ["learning_rate", "weight_decay", "num_logged_samples", "save_every"],
         "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes"],
         "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
@@ -99,12 +132,14 @@ def check_shared_args(args) -> None:
 
 
 def setup(args):
-    """Seed Python, NumPy and torch; return (device, autocast, gradient checkpointing on?). `autocast()` is a
-    context: bfloat16 autocast on the run's device with --bf16, else nothing."""
+    """Seed Python, NumPy and torch; under torchrun join the process group (common/distributed.py); return
+    (device, autocast, gradient checkpointing on?). The device is this rank's (cuda:LOCAL_RANK under torchrun
+    on CUDA). Every rank is seeded alike: they draw the same micro-batch shuffles. `autocast()` is a context:
+    bfloat16 autocast on the run's device with --bf16, else nothing."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = default_device() if args.device == "auto" else args.device
+    device = dist.init(default_device() if args.device == "auto" else args.device)
     if args.bf16:
         autocast = lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -112,6 +147,28 @@ def setup(args):
     checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto"
                                                             and device.startswith("cuda"))
     return device, autocast, checkpointing
+
+
+def load_trained(args, device: str, checkpointing: bool):
+    """A model that trains (the policy, PPO's critic backbone, PRIME's PRM): --model, with LoRA adapters of
+    --lora-rank if asked (common.models.load_model). Not yet wrapped for torchrun: the trainer wraps what it
+    trains with common.distributed.wrap, before building its optimizer."""
+    return load_model(args.model, device=device, gradient_checkpointing=checkpointing, lora_rank=args.lora_rank,
+                      lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules)
+
+
+def load_reference(args, policy, dtype: str, device: str):
+    """The frozen reference: with LoRA the policy's own base, its adapters switched off (AdapterOff: no second
+    copy); else --model loaded again in `dtype`, frozen, and with --fsdp sharded like the policy."""
+    if args.lora_rank:
+        return AdapterOff(policy)
+    reference = load_model(args.model, dtype=dtype, device=device).eval().requires_grad_(False)
+    return dist.fsdp_shard(reference) if args.fsdp else reference
+
+
+def memory_layout(args) -> dict:
+    """check_memory's keywords for LoRA and sharding: the adapters' rank, and how many ranks FSDP2 shards over."""
+    return {"lora_rank": args.lora_rank, "shards": dist.world() if args.fsdp else 1}
 
 
 def make_run_generator(args, policy, tokenizer):
@@ -140,6 +197,11 @@ def samples_markdown(samples: list[tuple[str, str, float]]) -> str:
     return "\n".join(rows)
 
 
+def is_lora_like(model) -> bool:
+    """True for a model part of whose parameters are frozen (LoRA's base): its checkpoint keeps what trains."""
+    return not all(p.requires_grad for p in dist.unwrap(model).parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------------
@@ -158,23 +220,37 @@ class Run:
         self.args, self.script, self.generator, self.tokenizer = args, script, generator, tokenizer
         self.eval_problems = eval_problems
         self.parts = {"models": models, "optimizers": optimizers, "schedulers": schedulers, "state": state or {}}
-        self.dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.main = dist.is_main()  # under torchrun only rank 0 writes the run folder; every rank computes
+        # Every rank's name for the folder is rank 0's (their clocks may read different seconds).
+        self.dir = dist.broadcast(args.resume or os.path.join(args.output_dir,
+                                                              f"{args.exp_name}__{args.seed}__{int(time.time())}"))
         metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.start_step, elapsed, self.eval_acc, self.checkpoint = 1, 0.0, float("nan"), None
         if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
             self.checkpoint = load_checkpoint(latest_checkpoint(self.dir))
-            for group, objects in self.parts.items():
-                for name, obj in objects.items():
-                    obj.load_state_dict(self.checkpoint[group][name])
+            self._load_state(self.checkpoint)
             generator.sync_weights(models["policy"])
-            os.truncate(metrics_path, self.checkpoint["metrics_bytes"])
+            if self.main:
+                os.truncate(metrics_path, self.checkpoint["metrics_bytes"])
             self.start_step, elapsed = self.checkpoint["step"] + 1, self.checkpoint["elapsed"]
             self.eval_acc = self.checkpoint["eval_acc"]
-            tqdm.write(f"resuming {self.dir} after step {self.checkpoint['step']}")
-        else:
+            self.say(f"resuming {self.dir} after step {self.checkpoint['step']}")
+        elif self.main:
             os.makedirs(self.dir, exist_ok=True)
             with open(os.path.join(self.dir, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=1)
+        self.writer = self.history = None
+        if self.main:
+            self._open_logs(metrics_path)
+        self.start_time = time.time() - elapsed
+        self.last = {}  # the last step's logged numbers, for the progress bar
+        # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
+        self.stop_requested = False
+        signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def _open_logs(self, metrics_path: str) -> None:
+        """metrics.jsonl, TensorBoard, and with --track wandb (rank 0 only)."""
+        args = self.args
         # wandb first: with sync_tensorboard it patches TensorBoard, and only writers made after that reach it.
         if args.track:
             import wandb
@@ -190,11 +266,37 @@ class Run:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
         self.history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
-        self.start_time = time.time() - elapsed
-        self.last = {}  # the last step's logged numbers, for the progress bar
-        # Ctrl-C asks the loop to stop after the current step and write a checkpoint; a second one stops at once.
-        self.stop_requested = False
-        signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def say(self, message: str) -> None:
+        """A line for the user (rank 0's only under torchrun)."""
+        if self.main:
+            tqdm.write(message)
+
+    def _state(self) -> dict:
+        """Every model's, optimizer's, scheduler's and run-long state, as one process holds it. A model with
+        frozen parameters (LoRA) keeps only what trains (its adapters, a value head): the base is --model, loaded
+        again on resume. Under FSDP2 a collective (the shards are gathered): every rank calls it."""
+        models = self.parts["models"]
+        state = {"models": {}, "optimizers": {}}
+        for name, model in models.items():
+            full = dist.full_state_dict(model)
+            trained = {n for n, p in dist.unwrap(model).named_parameters() if p.requires_grad}
+            state["models"][name] = {k: v for k, v in full.items() if k in trained} if is_lora_like(model) else full
+        for name, opt in self.parts["optimizers"].items():
+            state["optimizers"][name] = dist.optimizer_state_dict(models[name], opt)
+        for group in ("schedulers", "state"):
+            state[group] = {name: obj.state_dict() for name, obj in self.parts[group].items()}
+        return state
+
+    def _load_state(self, checkpoint: dict) -> None:
+        models = self.parts["models"]
+        for name, model in models.items():
+            dist.load_full_state_dict(model, checkpoint["models"][name], strict=not is_lora_like(model))
+        for name, opt in self.parts["optimizers"].items():
+            dist.load_optimizer_state_dict(models[name], opt, checkpoint["optimizers"][name])
+        for group in ("schedulers", "state"):
+            for name, obj in self.parts[group].items():
+                obj.load_state_dict(checkpoint[group][name])
 
     def _on_interrupt(self, signum, frame):
         if self.stop_requested:
@@ -213,30 +315,42 @@ class Run:
         else:
             set_rng_state(self.checkpoint["rng"])
         self.progress = tqdm(range(self.start_step, self.args.num_steps + 1), desc=self.args.exp_name,
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, disable=not self.main)
         return self.progress
 
     def evaluate(self, step: int) -> float:
         """Greedy accuracy on the held-out problems, logged with a few samples."""
         acc, samples = evaluate(self.generator, self.tokenizer, self.eval_problems, self.args.max_new_tokens)
+        self.eval_acc = acc
+        if not self.main:  # every rank generated its share of the problems; rank 0 writes
+            return acc
         self.writer.add_scalar("charts/eval_accuracy", acc, step)
         self.writer.add_text("samples/eval", samples_markdown(samples[: self.args.num_logged_samples]), step)
         self.history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": self.elapsed()}) + "\n")
         on = f" on {len(self.eval_problems)} problems" if step == 0 else ""
         tqdm.write(f"step {step}: held-out greedy accuracy {acc:.3f}{on}")
-        self.eval_acc = acc
         return acc
 
     def log(self, step: int, logs: dict) -> None:
         """One step's numbers, to metrics.jsonl and TensorBoard (and through it wandb). A number that has no
         value this step is left out, not written as NaN: the losses of a step whose every micro-batch was
-        skipped by the ratio guard (the mean of no values), an explained variance of a constant target."""
+        skipped by the ratio guard (the mean of no values), an explained variance of a constant target. Under
+        torchrun each number is the mean over the ranks that have a value for it (every rank logs the same names;
+        a number computed from the whole batch, which every rank holds, is the same on every rank)."""
+        if dist.active():
+            names = sorted(logs)
+            values = torch.tensor([float(logs[k]) for k in names], dtype=torch.float64)
+            valid = ~torch.isnan(values)
+            means = dist.all_sum(torch.where(valid, values, 0.0)) / dist.all_sum(valid.double())  # NaN: no rank has one
+            logs = dict(zip(names, means.tolist()))
         logs = {k: v for k, v in logs.items() if not math.isnan(float(v))}
+        self.last = logs
+        if not self.main:
+            return
         for k, v in logs.items():
             self.writer.add_scalar(k, float(v), step)
         self.history.write(json.dumps({"step": step, "wall_s": self.elapsed(), **{k: float(v) for k, v in logs.items()}})
                            + "\n")
-        self.last = logs
 
     def end_step(self, step: int) -> bool:
         """What ends every step: the evaluation when due (every --eval-every steps, at the last step, and when
@@ -244,23 +358,27 @@ class Run:
         leave the loop (Ctrl-C, or --max-minutes reached)."""
         args = self.args
         out_of_time = args.max_minutes is not None and self.elapsed() > 60 * args.max_minutes
+        # Under torchrun the ranks stop together: when any of them is out of time or was interrupted.
+        out_of_time, self.stop_requested = dist.any_rank(out_of_time), dist.any_rank(self.stop_requested)
         if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
             self.evaluate(step)
-        if "charts/reward_mean" in self.last:
+        if "charts/reward_mean" in self.last and self.main:
             self.progress.set_postfix(reward=f"{float(self.last['charts/reward_mean']):.2f}",
                                       eval=f"{self.eval_acc:.3f}", s=f"{float(self.last['charts/step_time']):.0f}")
         if self.stop_requested or (args.save_every and step % args.save_every == 0):
-            self.history.flush()
-            save_checkpoint(self.dir, step, {
-                **{group: {name: obj.state_dict() for name, obj in objects.items()}
-                   for group, objects in self.parts.items()},
-                "rng": rng_state(), "metrics_bytes": self.history.tell(), "elapsed": self.elapsed(),
-                "eval_acc": self.eval_acc}, keep=args.keep_checkpoints)
+            state = self._state()  # on every rank (FSDP2 gathers its shards); rank 0 writes it
+            if self.main:
+                self.history.flush()
+                save_checkpoint(self.dir, step, {**state, "rng": rng_state(), "metrics_bytes": self.history.tell(),
+                                                 "elapsed": self.elapsed(), "eval_acc": self.eval_acc},
+                                keep=args.keep_checkpoints)
+            dist.barrier()
         if self.stop_requested:
-            tqdm.write(f"stopped after step {step}; continue with: python {self.script} --resume {self.dir}")
+            launcher = "torchrun ... " if dist.active() else "python "
+            self.say(f"stopped after step {step}; continue with: {launcher}{self.script} --resume {self.dir}")
             return True
         if out_of_time:
-            tqdm.write(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
+            self.say(f"stopping: --max-minutes {args.max_minutes} reached after step {step}")
         return out_of_time
 
     def finish(self, policy, tokenizer) -> None:
@@ -268,14 +386,20 @@ class Run:
         Ctrl-C stopped the run (its checkpoint is written; the run is not over); close the logs."""
         if self.args.save_model and not self.stop_requested:
             final, tmp = os.path.join(self.dir, "final_model"), os.path.join(self.dir, "final_model.tmp")
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            shutil.move(tmp, final)
-            tqdm.write(f"saved the final policy to {final}")
-        self.history.close()
-        self.writer.close()
-        if self.args.track:
-            import wandb
+            # A plain transformers model: LoRA's adapters merged in, DDP's wrapper removed, FSDP2's shards
+            # gathered (on every rank; rank 0 writes).
+            plain = policy if is_plain(policy) else plain_model(policy, device="cpu")
+            if self.main:
+                plain.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                shutil.move(tmp, final)
+                tqdm.write(f"saved the final policy to {final}")
+        if self.main:
+            self.history.close()
+            self.writer.close()
+            if self.args.track:
+                import wandb
 
-            wandb.finish()
+                wandb.finish()
+        dist.barrier()  # the process group stays until exit: vLLM's engine cleans up its own groups then
 

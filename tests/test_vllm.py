@@ -212,6 +212,41 @@ class TestOneEngine:
         gen.sync_weights(policy)
         assert token_ids(gen.generate(inputs, n=1, max_new_tokens=48, temperature=0.0)) == before
 
+    def test_sampler_logprobs_are_the_processed_ones(self, setup):
+        """Both backends return, with each sampled token, its log-prob under the distribution it was drawn from:
+        after temperature (near the fp32 learner's log_softmax(logits / T), far from the raw T = 1 one) and, with
+        top-p, renormalised over the nucleus (never below the learner's). Greedy completions carry none."""
+        import numca
+
+        policy, tokenizer, inputs = setup["policy"], setup["tokenizer"], setup["inputs"][:8]
+        for backend in ("hf", "vllm"):
+            gen = setup[backend]
+            assert all(c.logprobs is None for row in gen.generate(inputs, n=1, max_new_tokens=4, temperature=0.0)
+                       for c in row)
+            gaps = {}
+            for top_p in (1.0, 0.5):
+                completions = [c for row in gen.generate(inputs, n=2, max_new_tokens=24, temperature=0.7, top_p=top_p,
+                                                         seed=0) for c in row]
+                assert all(len(c.logprobs) == len(c.token_ids) and all(lp <= 1e-6 for lp in c.logprobs)
+                           for c in completions)
+                batch = numca.make_batch([p for p in inputs for _ in range(2)], [c.token_ids for c in completions],
+                                         tokenizer.pad_token_id)
+                mask = batch.response_mask
+                sampled = torch.zeros_like(mask)
+                for b, c in enumerate(completions):
+                    sampled[b, : len(c.logprobs)] = torch.tensor(c.logprobs)
+                with torch.no_grad():
+                    at_t, raw = (numca.response_logprobs(policy, batch, t) for t in (0.7, 1.0))
+                gaps[top_p] = ((sampled - at_t) * mask).sum() / mask.sum()
+                if top_p == 1.0:
+                    abs_gap = ((sampled - at_t).abs() * mask).sum() / mask.sum()
+                    raw_gap = ((sampled - raw).abs() * mask).sum() / mask.sum()
+                    print(f"\n{backend}: mean |sampler - fp32 learner| {abs_gap:.4f} at T = 0.7, {raw_gap:.4f} against T = 1")
+                    assert abs_gap < 0.1 and raw_gap > 3 * abs_gap
+            # top-p 0.5: each token's sampler log-prob is the learner's minus log(nucleus mass) > 0
+            print(f"{backend}: mean (sampler - learner) {gaps[1.0]:+.4f} at top-p 1, {gaps[0.5]:+.4f} at top-p 0.5")
+            assert gaps[0.5] > gaps[1.0] + 0.05
+
     def test_sleep_is_a_no_op_on_the_cpu(self, setup):
         gen = setup["vllm"]
         assert not gen.can_sleep
@@ -257,6 +292,8 @@ def test_trainer_end_to_end_with_vllm(script, tmp_path):
     train = [r for r in records if "losses/policy_loss" in r]
     assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
     assert any(r["charts/reward_mean"] > 0 for r in train)  # vLLM's samples of the tiny model earn rewards
+    # vLLM's own log-probs reach the mismatch statistics (numca.py and hista.py also weight the loss with them)
+    assert all(math.isfinite(r["mismatch/kl"]) and r["mismatch/logp_abs_diff_max"] > 0 for r in train)
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]
 
 
@@ -278,3 +315,32 @@ def test_sveb_end_to_end_with_vllm(tmp_path):
                       "--prm-minibatch-size", "2", "--micro-batch-size", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Initializing a V1 LLM engine" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4", "--learning-rate", "1e-2"]], ids=["full", "lora"])
+def test_two_vllm_engines_under_torchrun(lora, tmp_path):
+    """2 processes of torchrun, each with its own vLLM CPU engine generating its half of the prompts (and of the
+    evaluation), gradients reduced over gloo; with LoRA the engines receive the merged weights. (vLLM samples from
+    its engine's own generator, not per call: the 2 engines draw other samples than 1 would, so the first update
+    is compared across process counts with the hf backend, in tests/test_distributed.py.)"""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "ppo.py", *TINY_TASK, "--backend", "vllm", "--vllm-enforce-eager",
+                           "--output-dir", str(tmp_path), *SCRIPTS["ppo.py"], *lora],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in log, log[-4000:]
+    assert log.count("Initializing a V1 LLM engine") == 2  # one engine per rank
+    assert "were not loaded" not in log  # every engine parameter got its (merged) weights
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "losses/policy_loss" in r]
+    assert len(train) == 2 and all(math.isfinite(r["losses/policy_loss"]) for r in train)
+    from transformers import AutoModelForCausalLM
+
+    assert not any("lora" in k for k in AutoModelForCausalLM.from_pretrained(run_dir / "final_model").state_dict())
