@@ -38,8 +38,14 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+_joined = False  # set by init(): this process joined torchrun's process group
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """True in a process that torchrun started and init() joined to the group. Not merely "a process group
+    exists": vLLM's engine makes one of its own in a plain `python script.py` run (world size 1), which must
+    change nothing."""
+    return _joined and dist.is_available() and dist.is_initialized()
 
 
 def world() -> int:
@@ -63,9 +69,11 @@ def init(device: str) -> str:
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if not active():
+    global _joined
+    if not dist.is_initialized():
         # A long evaluation or a slow rank's generation can keep the others waiting in a collective: allow an hour.
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
+    _joined = True
     return device
 
 
