@@ -76,12 +76,18 @@ def estimate_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int
         for n in names:
             parts = training_memory_gib(shapes[n], trainable, frozen, frozen_bytes, 0, micro_batch,
                                         prompt_len + response_len, response_len, True)
-            p = memory_phases(parts, cuda=True, vllm_gib=share * total_gib)
-            verdict = ": refused" if p["need"] > total_gib else (": within the margin" if p["need"] * 1.15 > total_gib
-                                                                 else "")
-            cells.append(f"{p['update']:.1f} / {p['generation']:.1f}{verdict}")
+            cells.append(table_cell(parts, total_gib, share))
         lines.append(f"| `{label.split(' (')[0]}` ({label.split(' (')[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_cell(parts: dict, total_gib: float, share: float) -> str:
+    """One cell of the README's memory tables: update / generation peaks in GiB on a CUDA GPU of `total_gib`
+    with vLLM's `share`, and the memory check's verdict."""
+    p = memory_phases(parts, cuda=True, vllm_gib=share * total_gib)
+    verdict = ": refused" if p["need"] > total_gib else (": within the margin" if p["need"] * 1.15 > total_gib
+                                                         else "")
+    return f"{p['update']:.1f} / {p['generation']:.1f}{verdict}"
 
 
 def parallel_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int = 8, prompt_len: int = 256,
@@ -99,10 +105,7 @@ def parallel_table(total_gib: float = 79.2, share: float = 0.3, micro_batch: int
         for _, layout, lora in settings:
             parts = training_memory_gib(shape, trainable, 0 if lora else frozen, frozen_bytes, 0, micro_batch,
                                         prompt_len + response_len, response_len, True, **layout)
-            p = memory_phases(parts, cuda=True, vllm_gib=share * total_gib)
-            verdict = ": refused" if p["need"] > total_gib else (": within the margin" if p["need"] * 1.15 > total_gib
-                                                                 else "")
-            cells.append(f"{p['update']:.1f} / {p['generation']:.1f}{verdict}")
+            cells.append(table_cell(parts, total_gib, share))
         lines.append(f"| `{label.split(' (')[0]}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
