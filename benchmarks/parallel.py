@@ -13,7 +13,8 @@ parallel generation of smaller batches (less padding per sequence, no Python-sid
 pay is the gradient all-reduce and N copies of the models in memory.
 
 LoRA against full fine-tuning: the script with `--lora-rank R --learning-rate LR_LORA` (default 16 and 1e-4,
-10x the full fine-tuning default, as verl's docs advise) and without, at its own default learning rate, each
+10x the full fine-tuning default, as verl's docs advise; the same rate for the other model that trains with
+adapters too: PPO's critic, PRIME's PRM, whose defaults are also 1e-5) and without, at its own defaults, each
 for --max-minutes; the peak resident memory of each run's process (the CPU: RAM) and its held-out greedy
 accuracy (first, best, last). Prints a markdown table.
 """
@@ -82,8 +83,10 @@ def compare_lora(script: str, rank: int, lora_lr: float, flags: list[str], tmp: 
     lines = [f"{script}.py: LoRA r{rank} (lr {lora_lr:g}) against full fine-tuning (its default lr)", "",
              "| run | peak resident GiB | steps | eval first | eval best | eval last | median step s |",
              "|---|---|---|---|---|---|---|"]
-    for label, extra in (("full fine-tuning", []), (f"LoRA r{rank}", ["--lora-rank", str(rank), "--learning-rate",
-                                                                      str(lora_lr)])):
+    lora = ["--lora-rank", str(rank), "--learning-rate", str(lora_lr)]
+    lora += {"ppo": ["--critic-learning-rate", str(lora_lr)],
+             "prime_implicit_prm": ["--prm-learning-rate", str(lora_lr)]}.get(script, [])
+    for label, extra in (("full fine-tuning", []), (f"LoRA r{rank}", lora)):
         out = tmp / label.replace(" ", "_")
         _, peak = run([sys.executable, f"{script}.py", *flags, *extra, "--output-dir", str(out)],
                       {**os.environ, "PYTHONUNBUFFERED": "1"})
