@@ -140,6 +140,8 @@ def setup(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = dist.init(default_device() if args.device == "auto" else args.device)
+    say(f"{args.exp_name}: loading {args.model} on {device} (--backend {args.backend})" + ("" if args.resume else
+        f", then a held-out evaluation of {args.num_eval_problems} problems before step 1"))
     if args.bf16:
         autocast = lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -171,8 +173,16 @@ def memory_layout(args) -> dict:
     return {"lora_rank": args.lora_rank, "shards": dist.world() if args.fsdp else 1}
 
 
+def say(message: str) -> None:
+    """A line for the user, at once (rank 0's only under torchrun); tqdm.write keeps a progress bar intact."""
+    if dist.is_main():
+        tqdm.write(message)
+
+
 def make_run_generator(args, policy, tokenizer):
     """The sampler of --backend with the run's generation flags, already holding the policy's weights."""
+    say("starting vLLM's engine (its first start compiles: a minute or more)" if args.backend == "vllm" else
+        "copying the policy into the sampler (bfloat16)")
     return make_generator(args.backend, policy, tokenizer, resolve_model_path(args.model),
                           batch_size=args.gen_batch_size, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                           seed=args.seed, max_model_len=args.vllm_max_model_len, enforce_eager=args.vllm_enforce_eager)
@@ -183,9 +193,17 @@ def make_run_generator(args, policy, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 def evaluate(generator, tokenizer, problems, max_new_tokens: int) -> tuple[float, list[tuple[str, str, float]]]:
     """Greedy accuracy on held-out problems, and (question, response, score) for each; a response cut by the
-    length limit scores 0, and the grader reads the question, as in training."""
-    outs = generator.generate([prompt_ids(tokenizer, p.question) for p in problems], n=1,
-                              max_new_tokens=max_new_tokens, temperature=0.0)
+    length limit scores 0, and the grader reads the question, as in training. Under a progress bar, in the hf
+    generator's own chunks (so the same batches, the same greedy tokens, as one call); vLLM takes them at once."""
+    prompts = [prompt_ids(tokenizer, p.question) for p in problems]
+    chunk = getattr(generator, "batch_size", None) or len(prompts) or 1
+    outs = []
+    with tqdm(total=len(prompts), desc="held-out evaluation", unit="problem", leave=False, dynamic_ncols=True,
+              disable=not dist.is_main()) as bar:
+        for start in range(0, len(prompts), chunk):
+            outs += generator.generate(prompts[start : start + chunk], n=1, max_new_tokens=max_new_tokens,
+                                       temperature=0.0)
+            bar.update(len(prompts[start : start + chunk]))
     scores = [grade(o[0].text, p.answer, question=p.question) if o[0].finished else 0.0 for p, o in zip(problems, outs)]
     return float(np.mean(scores)), [(p.question, o[0].text, s) for p, o, s in zip(problems, outs, scores)]
 

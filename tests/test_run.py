@@ -100,3 +100,20 @@ def test_evaluation_grades_with_the_question():
     problems = [Problem("Calculate 59 * 100.", "5900")] * 2
     assert evaluate(Echo("\\boxed{59 * 100}"), Tokenizer(), problems, 8)[0] == 0.0
     assert evaluate(Echo("\\boxed{5900}"), Tokenizer(), problems, 8)[0] == 1.0
+
+
+def test_evaluation_in_chunks_gives_what_one_call_gives(tiny_model, tokenizer):
+    """The progress bar's chunks are the hf generator's own batches: the same greedy tokens as one call, in order."""
+    from common.data import load_problems, prompt_ids
+    from common.generation import HFGenerator
+    from common.run import evaluate
+
+    problems = load_problems("digits", "test", size=10, seed=0)
+    gen = HFGenerator(tiny_model, tokenizer, batch_size=4)  # chunks of 4, 4, 2
+    calls = []
+    generate = gen.generate
+    gen.generate = lambda inputs, **kw: calls.append(len(inputs)) or generate(inputs, **kw)
+    acc, samples = evaluate(gen, tokenizer, problems, 12)
+    whole = generate([prompt_ids(tokenizer, p.question) for p in problems], n=1, max_new_tokens=12, temperature=0.0)
+    assert calls == [4, 4, 2] and [s[1] for s in samples] == [o[0].text for o in whole]
+    assert [s[0] for s in samples] == [p.question for p in problems] and 0 <= acc <= 1

@@ -306,6 +306,17 @@ def test_killed_run_resumes_to_the_same_metrics_with_vllm(tmp_path):
     resumed_equals_uninterrupted("numca.py", tmp_path, "--backend", "vllm", "--vllm-enforce-eager")
 
 
+def test_gpu_check_vllm_cycle_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py's vLLM rows (sleep -> sync -> generate twice, against the hf backend on the same
+    weights) on the CPU smoke model, after one trainer's rows; the plain suite runs it with --skip-vllm."""
+    proc = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--scripts", "ppo.py", "--out",
+                      str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("vllm ")]
+    assert rows and all("pass" in row for row in rows), proc.stdout[-3000:]
+    assert "skipped: the vLLM cycle" not in proc.stdout
+
+
 def test_sveb_end_to_end_with_vllm(tmp_path):
     proc = run_script("sveb_eval.py", "--model", "tiny", "--backend", "vllm", "--vllm-enforce-eager",
                       "--dataset", "arithmetic", "--output-dir", str(tmp_path), "--num-problems", "3",
