@@ -286,9 +286,8 @@ class Run:
         self.history = open(metrics_path, "a" if args.resume else "w", buffering=1)  # line-buffered: readable live
 
     def say(self, message: str) -> None:
-        """A line for the user (rank 0's only under torchrun)."""
-        if self.main:
-            tqdm.write(message)
+        """A line for the user (rank 0's only under torchrun): the module's say."""
+        say(message)
 
     def _state(self) -> dict:
         """Every model's, optimizer's, scheduler's and run-long state, as one process holds it. A model with
