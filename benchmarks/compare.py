@@ -6,8 +6,9 @@
     python benchmarks/compare.py --samples 640 --dry-run       # equal samples instead; print the commands
 
 An arm is a script and its flags (ARMS below: `grpo` is `numca.py --no-numca`, `rloo` is
-`prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo` and `hista-cispo`,
-run only when named in --arms, are GRPO without the sampler-learner correction and the three with CISPO's loss). Each run is the unchanged script, launched as a subprocess
+`prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo`, `hista-cispo` and
+`grpo-fp32`, run only when named in --arms, are GRPO without the sampler-learner correction, the three with
+CISPO's loss, and GRPO's learner in float32). Each run is the unchanged script, launched as a subprocess
 with the same seed, evaluation set (the first --num-eval-problems test problems: every script draws them
 with seed 0), evaluation cadence (--eval-every steps) and budget as the other arms; this file re-implements
 nothing and reads nothing but the scripts' own files. Equal runs of two arms at one seed share their first
@@ -70,6 +71,9 @@ ARMS: dict[str, tuple[str, list[str], str | None]] = {
     "grpo-cispo": ("numca.py", ["--no-numca", "--loss", "cispo"], None),
     "numca-cispo": ("numca.py", ["--loss", "cispo"], "grpo-cispo"),
     "hista-cispo": ("hista.py", ["--loss", "cispo"], "grpo-cispo"),
+    # Issue 30, on request: GRPO's learner in float32 instead of under bfloat16 autocast (the rounding floor of
+    # one update; benchmarks/bf16_floor.py), the sampler unchanged.
+    "grpo-fp32": ("numca.py", ["--no-numca", "--no-bf16"], "grpo"),
 }
 # The arms run when --arms is not given: every method and its baseline (the others answer narrower questions).
 DEFAULT_ARMS = ["ppo", "vineppo", "grpo", "numca", "hista", "rloo", "prime"]

@@ -307,14 +307,15 @@ def test_end_to_end(script, mode, extra, tmp_path):
 # ---- benchmarks/compare.py: the arms of issue 28 ----
 def test_compare_arms(tmp_path):
     arms = {"grpo-nocorr": "numca.py --no-numca --rollout-correction none", "grpo-cispo": "numca.py --no-numca --loss cispo",
-            "numca-cispo": "numca.py --loss cispo", "hista-cispo": "hista.py --loss cispo"}
+            "numca-cispo": "numca.py --loss cispo", "hista-cispo": "hista.py --loss cispo",
+            "grpo-fp32": "numca.py --no-numca --no-bf16"}
     proc = run_script("benchmarks/compare.py", "--arms", *arms, "--seeds", "1", "--max-minutes", "1", "--out",
                       str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[to run]")]
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line, (arm, command) in zip(lines, arms.items()):
         assert f" {command} --seed 1 --exp-name {arm} " in line, line
     # the default comparison is unchanged: the new arms run only when named
     proc = run_script("benchmarks/compare.py", "--seeds", "1", "--max-minutes", "1", "--out", str(tmp_path), "--dry-run")
-    assert proc.returncode == 0 and "cispo" not in proc.stdout and "nocorr" not in proc.stdout
+    assert proc.returncode == 0 and all(a not in proc.stdout for a in arms)
