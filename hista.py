@@ -19,6 +19,7 @@ Departures from the official code (docs/hista.md gives the reasons):
 - a group whose rewards are all equal keeps its advantages undivided (they are 0 either way)
 - dynamic sampling is off by default (--dynamic-sampling-scale 2 is the official recipes')
 - CPU-sized defaults: 4 prompts x 8 (official 32), lr 1e-5, T 0.6, 4 optimizer steps on quarters of the batch
+- on the CPU the learner computes in float32 (--bf16 auto); official: bf16 (as here on CUDA)
 - a micro-batch whose mean ratio exceeds --max-ratio is skipped (losses/skipped); TRL has no such guard
 - the sampler-learner correction applies with the hf backend too (TRL: with vLLM only), whose bf16 copy samples
 
@@ -73,8 +74,9 @@ class Args:
     """name of the experiment, first part of the run folder"""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)"""
-    bf16: bool = True
-    """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """forwards and backwards under bfloat16 autocast (weights and optimizer stay float32); auto: on for CUDA (the
+    papers' numerics), off on the CPU (float32: under bf16 any update moves the log-probs by a rounding floor)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 4
@@ -111,14 +113,18 @@ class Args:
     """gradient clipping"""
     num_train_problems: int = 10_000
     """training problems to draw from (generated tasks make this many)"""
-    num_eval_problems: int = 200
-    """held-out problems for the greedy evaluation"""
+    num_eval_problems: int = 500
+    """held-out problems for the greedy evaluation (500: a standard error under 2.3 points at any accuracy)"""
     eval_every: int = 4
     """greedy evaluation every N iterations (and before the first and after the last)"""
+    eval_every_minutes: float | None = None
+    """instead of --eval-every: evaluate after every M minutes of training (evaluations not counted), so that
+    arms of unequal step times are evaluated alike"""
     num_logged_samples: int = 3
     """sample completions written to the log at each evaluation"""
     max_minutes: float | None = None
-    """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
+    """stop after this many minutes of training (then evaluate and save), for equal-time comparisons; the held-out
+    evaluations are not counted (metrics.jsonl's train_s)"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
     save_every: int = 0

@@ -18,7 +18,7 @@ Departures from the official code (docs/prime_implicit_prm.md gives the reasons)
 - One micro-batch partition per step, shared by every pass and epoch (batch invariance).
 - Logits only at response positions, float32 log-softmax in chunks; with the PRM the reference is float32
   on every device (the PRM's numerics: the token rewards start at exactly 0).
-- Float32 weights under bf16 autocast; sampling from a bf16 copy of the policy (hf) or vLLM.
+- Float32 weights, under bf16 autocast on CUDA, float32 compute on the CPU; sampling from a bf16 copy (hf) or vLLM.
 - Loss is the token mean over the minibatch (official: the mean of micro-batch token means).
 
 Docs: docs/prime_implicit_prm.md
@@ -73,8 +73,9 @@ class Args:
     """name of the experiment, first part of the run folder"""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)"""
-    bf16: bool = True
-    """compute forwards and backwards under bfloat16 autocast (weights and optimizer stay float32)"""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """forwards and backwards under bfloat16 autocast (weights and optimizer stay float32); auto: on for CUDA (the
+    papers' numerics), off on the CPU (float32: under bf16 any update moves the log-probs by a rounding floor)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward pass (far less memory, ~30% more compute); auto: on for CUDA only"""
     num_prompts: int = 8
@@ -111,14 +112,18 @@ class Args:
     """gradient clipping of the policy"""
     num_train_problems: int = 10_000
     """training problems to draw from (generated tasks make this many)"""
-    num_eval_problems: int = 200
-    """held-out problems for the greedy evaluation"""
+    num_eval_problems: int = 500
+    """held-out problems for the greedy evaluation (500: a standard error under 2.3 points at any accuracy)"""
     eval_every: int = 4
     """greedy evaluation every N iterations (and before the first and after the last)"""
+    eval_every_minutes: float | None = None
+    """instead of --eval-every: evaluate after every M minutes of training (evaluations not counted), so that
+    arms of unequal step times are evaluated alike"""
     num_logged_samples: int = 3
     """sample completions written to the log at each evaluation"""
     max_minutes: float | None = None
-    """stop training after this many minutes of wall-clock (then evaluate and save), for equal-time comparisons"""
+    """stop after this many minutes of training (then evaluate and save), for equal-time comparisons; the held-out
+    evaluations are not counted (metrics.jsonl's train_s)"""
     save_model: bool = True
     """save the final policy with save_pretrained into the run folder"""
     save_every: int = 0

@@ -10,11 +10,12 @@ and `losses/clipfrac`: how far the update's later minibatches moved the log-prob
 from the log-probs before the update (the first minibatch sees unchanged weights and gives exactly 0). In float32
 an update of learning rate lr moves log-probs by O(lr), so approx_kl grows as lr squared; a floor that stays when
 lr shrinks is rounding, not learning. Modes (the sampler is the hf backend's bfloat16 copy in every mode):
-- bf16: the trainers' default, float32 weights under bfloat16 autocast;
+- bf16: `--bf16 on` (the trainers' default on CUDA, and on the CPU too before issue 30), float32 weights under
+  bfloat16 autocast;
 - snap: the same, with the float32 weights rounded to the nearest bfloat16 value at load, as a bfloat16
   checkpoint's weights are (the CPU default is dequantised from a Q4_1 GGUF: its weights are not);
 - head32: bf16 with the LM head computed in float32 (float32 logits; what TRL's `cast_lm_head_to_fp32` aims at);
-- fp32: `--no-bf16`, float32 compute.
+- fp32: `--bf16 off`, float32 compute (the CPU default since issue 30).
 Also printed: the share of the model's float32 weights that sit on the bfloat16 grid, and exactly half-way
 between two bfloat16 values (where any change, however small, moves their bfloat16 rounding by a whole step).
 """
@@ -83,7 +84,7 @@ def one_step(mode: str, lr: float, seed: int, flags: list[str]) -> dict:
             argv = [*flags, "--no-numca", "--num-steps", "1", "--seed", str(seed), "--learning-rate", str(lr),
                     "--warmup-ratio", "0", "--lr-decay", "constant", "--eval-every", "1000", "--no-save-model",
                     "--num-eval-problems", "2", "--output-dir", out, "--exp-name", f"{mode}-{lr:g}-{seed}"]
-            numca.main(tyro.cli(numca.Args, args=argv + (["--no-bf16"] if mode == "fp32" else [])))
+            numca.main(tyro.cli(numca.Args, args=argv + ["--bf16", "off" if mode == "fp32" else "on"]))
             (run,) = Path(out).iterdir()
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finally:

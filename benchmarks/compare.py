@@ -7,15 +7,17 @@
 
 An arm is a script and its flags (ARMS below: `grpo` is `numca.py --no-numca`, `rloo` is
 `prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo`, `hista-cispo` and
-`grpo-fp32`, run only when named in --arms, are GRPO without the sampler-learner correction, the three with
-CISPO's loss, and GRPO's learner in float32). Each run is the unchanged script, launched as a subprocess
+`grpo-bf16`, run only when named in --arms, are GRPO without the sampler-learner correction, the three with
+CISPO's loss, and GRPO's learner under bfloat16 autocast instead of float32 on the CPU). Each run is the unchanged script, launched as a subprocess
 with the same seed, evaluation set (the first --num-eval-problems test problems: every script draws them
-with seed 0), evaluation cadence (--eval-every steps) and budget as the other arms; this file re-implements
+with seed 0), evaluation cadence (--eval-every steps, or --eval-every-minutes of training) and budget as the
+other arms; this file re-implements
 nothing and reads nothing but the scripts' own files. Equal runs of two arms at one seed share their first
 batch of problems, so two arms can be compared seed by seed (paired).
 
-Budget: `--max-minutes M` gives every run M minutes of wall-clock as the scripts count it (from the end of
-model loading; held-out evaluations included, so report.py also gives each arm's evaluation share), with
+Budget: `--max-minutes M` gives every run M minutes of training as the scripts count it (wall-clock from the
+end of model loading, less the held-out evaluations: their `train_s`; so the evaluation set's size and cadence
+cost no arm any training; report.py gives each arm's evaluation share of its wall-clock too), with
 a step cap of --num-steps, and a constant learning rate without warm-up for every arm (a schedule over
 --num-steps has no known end under a time budget; flags after -- override it). `--samples N` gives every
 run N sampled training responses instead: the step count is N / (num_prompts * samples_per_prompt) of that
@@ -71,9 +73,9 @@ ARMS: dict[str, tuple[str, list[str], str | None]] = {
     "grpo-cispo": ("numca.py", ["--no-numca", "--loss", "cispo"], None),
     "numca-cispo": ("numca.py", ["--loss", "cispo"], "grpo-cispo"),
     "hista-cispo": ("hista.py", ["--loss", "cispo"], "grpo-cispo"),
-    # Issue 30, on request: GRPO's learner in float32 instead of under bfloat16 autocast (the rounding floor of
-    # one update; benchmarks/bf16_floor.py), the sampler unchanged.
-    "grpo-fp32": ("numca.py", ["--no-numca", "--no-bf16"], "grpo"),
+    # Issue 30, on request: GRPO's learner under bfloat16 autocast (the GPU's numerics, and the CPU default before
+    # issue 30) against float32, the CPU default (the rounding floor of one update: benchmarks/bf16_floor.py).
+    "grpo-bf16": ("numca.py", ["--no-numca", "--bf16", "on"], "grpo"),
 }
 # The arms run when --arms is not given: every method and its baseline (the others answer narrower questions).
 DEFAULT_ARMS = ["ppo", "vineppo", "grpo", "numca", "hista", "rloo", "prime"]
@@ -104,7 +106,9 @@ def run_command(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> l
     save = ["--save-every", str(opts.save_every), "--keep-checkpoints", "1"] if opts.save_every else []
     out = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
     return [sys.executable, script, *flags, "--seed", str(seed), "--exp-name", arm, "--output-dir", out,
-            "--eval-every", str(opts.eval_every), "--num-eval-problems", str(opts.num_eval_problems),
+            *(["--eval-every", str(opts.eval_every)] if opts.eval_every_minutes is None else
+              ["--eval-every-minutes", str(opts.eval_every_minutes)]),
+            "--num-eval-problems", str(opts.num_eval_problems),
             "--no-save-model", *budget, *save, *extra]
 
 
@@ -229,7 +233,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="sampled training responses per run instead")
     parser.add_argument("--num-steps", type=int, default=1000, help="step cap under --max-minutes")
     parser.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every this many steps")
-    parser.add_argument("--num-eval-problems", type=int, default=200)
+    parser.add_argument("--eval-every-minutes", type=float, default=None,
+                        help="held-out evaluation every this many minutes of training instead (every arm alike)")
+    parser.add_argument("--num-eval-problems", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once")
     parser.add_argument("--save-every", type=int, default=0,
@@ -246,8 +252,9 @@ def main() -> None:
     for name in ("num_steps", "eval_every", "num_eval_problems", "threads", "parallel", "samples"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if opts.max_minutes is not None and not opts.max_minutes > 0:
-        parser.error("--max-minutes must be > 0")
+    for name in ("max_minutes", "eval_every_minutes"):
+        if getattr(opts, name) is not None and not getattr(opts, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
     if opts.save_every < 0:
         parser.error("--save-every must be >= 0")
     opts.out = os.path.relpath(Path(opts.out).resolve(), ROOT) if Path(opts.out).resolve().is_relative_to(ROOT) \

@@ -7,8 +7,9 @@ It reads only what the scripts wrote (`metrics.jsonl`, `args.json`) and what com
 (`run.json`: the command, the budget, the baseline of each arm). Definitions, so that the tables can be
 checked by hand:
 - Accuracy at time t of one run: its latest held-out evaluation at or before t (no interpolation, never
-  a later one). Minutes are the scripts' own wall-clock (from the end of model loading, evaluations
-  included); samples are steps x (num_prompts x samples_per_prompt), the responses the policy trained on
+  a later one). Minutes are the scripts' own training clock, `train_s` (wall-clock from the end of model
+  loading less the held-out evaluations, the clock of --max-minutes; runs written before it existed have
+  only `wall_s`, evaluations included, and are read by that); samples are steps x (num_prompts x samples_per_prompt), the responses the policy trained on
   (VinePPO's Monte Carlo continuations and PRIME's filtered-out draws are extra generation, not counted).
 - "end" is each run's last evaluation: a run under --max-minutes finishes the step it is in when the budget
   runs out, then evaluates, so "end" comes a fraction of a step after the budget; the fixed points (a third
@@ -61,7 +62,8 @@ def load_run(run_dir: Path, include_unfinished: bool) -> dict | None:
         if "eval_accuracy" in row:
             # An evaluation is written right after its step's record (or at the start, for step 0).
             eval_seconds += row["wall_s"] - last_wall
-            evals.append((row["step"], row["wall_s"] / 60, row["step"] * per_step, row["eval_accuracy"]))
+            evals.append((row["step"], row.get("train_s", row["wall_s"]) / 60, row["step"] * per_step,
+                          row["eval_accuracy"]))
         else:
             steps.append(row)
         last_wall = row["wall_s"]
@@ -124,7 +126,7 @@ def main() -> None:
                          "or pass --include-unfinished)")
     budgets = {r["budget"]["max_minutes"] for rs in runs.values() for r in rs}
     budget = max((b for b in budgets if b is not None), default=None)
-    order = [a for a in ["ppo", "vineppo", "grpo", "grpo-nocorr", "grpo-fp32", "numca", "hista", "grpo-cispo", "numca-cispo",
+    order = [a for a in ["ppo", "vineppo", "grpo", "grpo-nocorr", "grpo-bf16", "numca", "hista", "grpo-cispo", "numca-cispo",
                          "hista-cispo", "rloo", "prime"] if a in runs]
     order += sorted(a for a in runs if a not in order)
     baseline_of = {a: runs[a][0].get("baseline") for a in order}
@@ -140,7 +142,9 @@ def main() -> None:
 
     seeds = lambda a: f"{len(runs[a])} seed" + ("s" if len(runs[a]) > 1 else "")  # noqa: E731
     lines = [f"# Side-by-side comparison ({', '.join(f'{a}: {seeds(a)}' for a in order)})", ""]
-    lines += [f"Budget: {budget:g} minutes of wall-clock per run (evaluations included)" if budget else
+    trained = all("train_s" in r["steps"][0] for rs in runs.values() for r in rs if r["steps"])  # runs since issue 30
+    clock = ("of training", "evaluations not counted") if trained else ("of wall-clock", "evaluations included")
+    lines += [f"Budget: {budget:g} minutes {clock[0]} per run ({clock[1]})" if budget else
               f"Budget: {horizon:g} training samples per run", ""]
     head = "| arm | seeds | step 0 | " + " | ".join(f"{x:.3g} {unit}" for x in points) + \
         " | end | best | steps | samples | minutes | evaluation share |"
@@ -209,12 +213,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     families = [[a] + [m for m in order if baseline_of[m] == a] for a in order if baseline_of[a] not in runs]
-    fig, axes = plt.subplots(2, len(families), figsize=(5 * len(families), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(families), figsize=(max(6, 5 * len(families)), 7), squeeze=False)
     # Each curve stops where the shortest of its seeds stops, so that every point is a mean over all seeds.
     minute_grid = np.linspace(0, max(r["evals"][-1][1] for rs in runs.values() for r in rs), 200)
     sample_grid = np.linspace(0, max(r["evals"][-1][2] for rs in runs.values() for r in rs), 200)
     for col, family in enumerate(families):
-        for row, (x_axis, xs, label) in enumerate([(1, minute_grid, "wall-clock minutes (evaluations included)"),
+        for row, (x_axis, xs, label) in enumerate([(1, minute_grid, f"minutes {clock[0]} ({clock[1]})"),
                                                    (2, sample_grid, "training samples")]):
             ax = axes[row][col]
             for a in family:

@@ -16,8 +16,11 @@ evaluation. Nothing in here knows what the algorithm computes; a trainer hands i
 
 What a run folder holds (`{output_dir}/{exp_name}__{seed}__{unix time}`):
 - `args.json`: every argument, read back by --resume;
-- `metrics.jsonl`: one JSON line per step (`step`, `wall_s` and every logged number) and one per evaluation
-  (`step`, `eval_accuracy`, `wall_s`); a resumed run first cuts it back to what its checkpoint had seen;
+- `metrics.jsonl`: one JSON line per step (`step`, `wall_s`, `train_s` and every logged number) and one per
+  evaluation (`step`, `eval_accuracy`, `wall_s`, `train_s`); a resumed run first cuts it back to what its
+  checkpoint had seen. `wall_s` is the run's wall-clock from the end of model loading; `train_s` is the same
+  less the time spent in held-out evaluations: the clock of --max-minutes and of --eval-every-minutes, so
+  that evaluating more problems, or more often, costs no arm of a comparison any training time;
 - TensorBoard events (the same numbers, the hyperparameters, and a few evaluation samples as text); with
   --track the same numbers go to Weights & Biases too (its files under `wandb/` in the run folder);
 - `checkpoints/step_NNNNNN/` (common/checkpoint.py) and `final_model/` (save_pretrained, written whole or not
@@ -110,7 +113,7 @@ def check_shared_args(args) -> None:
                  "micro_batch_size", "gen_batch_size", "num_train_problems", "num_eval_problems", "eval_every",
                  "keep_checkpoints", "vllm_max_model_len", "rollout_correction_cap"],
         ">= 0": ["learning_rate", "weight_decay", "num_logged_samples", "save_every"],
-        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes"],
+        "> 0": ["temperature", "adam_eps", "max_grad_norm", "max_minutes", "eval_every_minutes"],
         "in (0, 1]": ["top_p", "vllm_gpu_memory_utilization"],
         "in [0, 1]": ["warmup_ratio"],
     })
@@ -135,14 +138,15 @@ def setup(args):
     """Seed Python, NumPy and torch; under torchrun join the process group (common/distributed.py); return
     (device, autocast, gradient checkpointing on?). The device is this rank's (cuda:LOCAL_RANK under torchrun
     on CUDA). Every rank is seeded alike: they draw the same micro-batch shuffles. `autocast()` is a context:
-    bfloat16 autocast on the run's device with --bf16, else nothing."""
+    bfloat16 autocast on the run's device with --bf16 on (auto: on CUDA), else nothing (float32)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = dist.init(default_device() if args.device == "auto" else args.device)
     say(f"{args.exp_name}: loading {args.model} on {device} (--backend {args.backend})" + ("" if args.resume else
         f", then a held-out evaluation of {args.num_eval_problems} problems before step 1"))
-    if args.bf16:
+    bf16 = {True: "on", False: "off"}.get(args.bf16, args.bf16)  # a run's args.json from before "auto": a bool
+    if bf16 == "on" or (bf16 == "auto" and device.startswith("cuda")):
         autocast = lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
@@ -244,6 +248,8 @@ class Run:
                                                               f"{args.exp_name}__{args.seed}__{int(time.time())}"))
         metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.start_step, elapsed, self.eval_acc, self.checkpoint = 1, 0.0, float("nan"), None
+        self.eval_seconds = 0.0  # wall-clock spent in held-out evaluations: not training time
+        self.last_eval_train_s = 0.0  # train_s at the latest evaluation (--eval-every-minutes counts from it)
         if args.resume:  # restore everything the checkpoint holds; the metrics written after it are dropped
             self.checkpoint = load_checkpoint(latest_checkpoint(self.dir))
             self._load_state(self.checkpoint)
@@ -252,6 +258,8 @@ class Run:
                 os.truncate(metrics_path, self.checkpoint["metrics_bytes"])
             self.start_step, elapsed = self.checkpoint["step"] + 1, self.checkpoint["elapsed"]
             self.eval_acc = self.checkpoint["eval_acc"]
+            self.eval_seconds = self.checkpoint.get("eval_s", 0.0)  # checkpoints written before train_s: none
+            self.last_eval_train_s = self.checkpoint.get("last_eval_train_s", 0.0)
             self.say(f"resuming {self.dir} after step {self.checkpoint['step']}")
         elif self.main:
             os.makedirs(self.dir, exist_ok=True)
@@ -322,7 +330,12 @@ class Run:
         tqdm.write("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)")
 
     def elapsed(self) -> float:
+        """Wall-clock seconds since the end of model loading (a resumed run goes on from its checkpoint's)."""
         return time.time() - self.start_time
+
+    def train_seconds(self) -> float:
+        """elapsed() less the held-out evaluations: the clock of --max-minutes and --eval-every-minutes."""
+        return self.elapsed() - self.eval_seconds
 
     def steps(self):
         """The steps still to run, under a progress bar. Before the first: a fresh run's evaluation at step 0;
@@ -336,14 +349,16 @@ class Run:
         return self.progress
 
     def evaluate(self, step: int) -> float:
-        """Greedy accuracy on the held-out problems, logged with a few samples."""
+        """Greedy accuracy on the held-out problems, logged with a few samples; its time is not training time."""
+        started = time.time()
         acc, samples = evaluate(self.generator, self.tokenizer, self.eval_problems, self.args.max_new_tokens)
-        self.eval_acc = acc
+        self.eval_seconds += time.time() - started
+        self.eval_acc, self.last_eval_train_s = acc, self.train_seconds()
         if not self.main:  # every rank generated its share of the problems; rank 0 writes
             return acc
         self.writer.add_scalar("charts/eval_accuracy", acc, step)
         self.writer.add_text("samples/eval", samples_markdown(samples[: self.args.num_logged_samples]), step)
-        self.history.write(json.dumps({"step": step, "eval_accuracy": acc, "wall_s": self.elapsed()}) + "\n")
+        self.history.write(json.dumps({"step": step, "eval_accuracy": acc, **self._clocks()}) + "\n")
         on = f" on {len(self.eval_problems)} problems" if step == 0 else ""
         tqdm.write(f"step {step}: held-out greedy accuracy {acc:.3f}{on}")
         return acc
@@ -366,18 +381,28 @@ class Run:
             return
         for k, v in logs.items():
             self.writer.add_scalar(k, float(v), step)
-        self.history.write(json.dumps({"step": step, "wall_s": self.elapsed(), **{k: float(v) for k, v in logs.items()}})
-                           + "\n")
+        self.history.write(json.dumps({"step": step, **self._clocks(), **{k: float(v) for k, v in logs.items()}}) + "\n")
+
+    def _clocks(self) -> dict:
+        wall = self.elapsed()
+        return {"wall_s": wall, "train_s": wall - self.eval_seconds}
 
     def end_step(self, step: int) -> bool:
-        """What ends every step: the evaluation when due (every --eval-every steps, at the last step, and when
-        --max-minutes has run out), a checkpoint when due (every --save-every steps, and after Ctrl-C). True:
+        """What ends every step: the evaluation when due (every --eval-every steps, or with --eval-every-minutes
+        at the first step end after each further M minutes of training; at the last step; and when --max-minutes
+        of training have run out), a checkpoint when due (every --save-every steps, and after Ctrl-C). True:
         leave the loop (Ctrl-C, or --max-minutes reached)."""
         args = self.args
-        out_of_time = args.max_minutes is not None and self.elapsed() > 60 * args.max_minutes
+        train_s = self.train_seconds()
+        out_of_time = args.max_minutes is not None and train_s > 60 * args.max_minutes
+        if args.eval_every_minutes is None:
+            due = step % args.eval_every == 0
+        else:
+            due = train_s - self.last_eval_train_s >= 60 * args.eval_every_minutes
         # Under torchrun the ranks stop together: when any of them is out of time or was interrupted.
         out_of_time, self.stop_requested = dist.any_rank(out_of_time), dist.any_rank(self.stop_requested)
-        if step % args.eval_every == 0 or step == args.num_steps or out_of_time:
+        due = dist.any_rank(due)  # the ranks' clocks differ a little: they evaluate together
+        if due or step == args.num_steps or out_of_time:
             self.evaluate(step)
         if "charts/reward_mean" in self.last and self.main:
             self.progress.set_postfix(reward=f"{float(self.last['charts/reward_mean']):.2f}",
@@ -387,7 +412,8 @@ class Run:
             if self.main:
                 self.history.flush()
                 save_checkpoint(self.dir, step, {**state, "rng": rng_state(), "metrics_bytes": self.history.tell(),
-                                                 "elapsed": self.elapsed(), "eval_acc": self.eval_acc},
+                                                 "elapsed": self.elapsed(), "eval_s": self.eval_seconds,
+                                                 "last_eval_train_s": self.last_eval_train_s, "eval_acc": self.eval_acc},
                                 keep=args.keep_checkpoints)
             dist.barrier()
         if self.stop_requested:

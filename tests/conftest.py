@@ -35,6 +35,15 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
                           timeout=timeout)
 
 
+# The fields of metrics.jsonl that are clocks: they differ from run to run by nature.
+TIMING = ("wall_s", "train_s", "charts/step_time")
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Metrics records without their clocks (TIMING and every `time/` part): what two equal runs share."""
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")} for r in records]
+
+
 # The tiny model on the task it was taught: rewards of both kinds in most groups of samples.
 TINY_TASK = ["--model", "tiny", "--dataset", "digits"]
 

@@ -118,7 +118,7 @@ def run_compare(out: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_compare_runs_skips_and_restarts(tmp_path):
+def test_compare_runs_skips_and_restarts(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     flags = ["--arms", "ppo", "grpo", "--seeds", "1", "--samples", "8", "--num-eval-problems", "4", "--", *TINY]
     proc = run_compare(out, *flags)
@@ -152,13 +152,15 @@ def test_compare_runs_skips_and_restarts(tmp_path):
     assert proc.returncode == 0 and "started" not in proc.stdout and "skipped  grpo seed 1" in proc.stdout
 
     # A finished run asked for again with other flags (another budget, another flag for the scripts) is
-    # refused in one line, before anything runs; it was silently kept and reported as the new setting.
+    # refused in one line, before anything runs; it was silently kept and reported as the new setting. In this
+    # process (compare.main as the command line calls it): reading a script's batch size imports it, which a
+    # fresh interpreter pays ~5 s for.
     more_samples = [("12" if flags[i - 1] == "--samples" else a) for i, a in enumerate(flags)]
     for argv in (more_samples, [*flags, "--temperature", "1.0"]):
-        proc = run_compare(out, *argv)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode != 0 and last.startswith("error:") and "was run with another command" in last
-        assert "started" not in proc.stdout
+        monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(out), *argv])
+        with pytest.raises(SystemExit, match="^error: .*was run with another command"):
+            compare.main()
+        assert "started" not in capsys.readouterr().out
 
 
 def test_compare_resumes_a_killed_run_from_its_checkpoint(tmp_path):
@@ -185,12 +187,23 @@ def test_compare_resumes_a_killed_run_from_its_checkpoint(tmp_path):
     assert train == list(range(1, 5)) and not (inner / "checkpoints").exists()  # each step once; cleaned up
 
 
+def test_compare_passes_the_minutes_cadence_and_500_problems(tmp_path, monkeypatch, capsys):
+    """--eval-every-minutes reaches every arm's command instead of --eval-every; 500 held-out problems by default."""
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--arms", "ppo", "grpo-bf16", "--seeds", "1",
+                                      "--max-minutes", "30", "--eval-every-minutes", "3", "--dry-run"])
+    compare.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--eval-every-minutes 3.0 --num-eval-problems 500 " in line for line in lines)
+    assert not any("--eval-every " in line for line in lines) and "numca.py --no-numca --bf16 on" in lines[1]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--arms", "ppo"], "give one budget"),
     (["--max-minutes", "5", "--samples", "10"], "give one budget"),
     (["--max-minutes", "5", "--model", "x"], "flags for the scripts go after --"),
     (["--max-minutes", "5", "--parallel", "0"], "--parallel must be >= 1"),
     (["--max-minutes", "-1"], "--max-minutes must be > 0"),
+    (["--max-minutes", "5", "--eval-every-minutes", "0"], "--eval-every-minutes must be > 0"),
     (["--max-minutes", "5", "--arms", "dqn"], "invalid choice"),
 ])
 def test_compare_bad_flags_are_one_line(argv, message, tmp_path):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from common.models import TINY_MODEL
-from conftest import ROOT, TINY_TASK
+from conftest import ROOT, TINY_TASK, without_timing
 
 pytest.importorskip("peft")
 
@@ -35,7 +35,7 @@ pytest.importorskip("peft")
 # (--gen-batch-size 2), so that both runs sample the same tokens (HFGenerator's first_row seeding).
 SAME_UPDATE = [*TINY_TASK, "--num-steps", "1", "--num-prompts", "4", "--samples-per-prompt", "2",
                "--minibatch-size", "8", "--micro-batch-size", "2", "--gen-batch-size", "2", "--max-new-tokens", "8",
-               "--num-eval-problems", "2", "--no-bf16", "--learning-rate", "10", "--critic-learning-rate", "10",
+               "--num-eval-problems", "2", "--bf16", "off", "--learning-rate", "10", "--critic-learning-rate", "10",
                "--adam-eps", "10", "--max-grad-norm", "1e9"]
 
 
@@ -56,9 +56,7 @@ def final_weights(out: Path) -> dict:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "charts/step_time") and not k.startswith("time/")}
-            for r in records]
+    return without_timing([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
 
 
 # ---- the reductions, on 2 ranks of gloo ----

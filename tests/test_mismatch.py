@@ -308,7 +308,7 @@ def test_end_to_end(script, mode, extra, tmp_path):
 def test_compare_arms(tmp_path):
     arms = {"grpo-nocorr": "numca.py --no-numca --rollout-correction none", "grpo-cispo": "numca.py --no-numca --loss cispo",
             "numca-cispo": "numca.py --loss cispo", "hista-cispo": "hista.py --loss cispo",
-            "grpo-fp32": "numca.py --no-numca --no-bf16"}
+            "grpo-bf16": "numca.py --no-numca --bf16 on"}
     proc = run_script("benchmarks/compare.py", "--arms", *arms, "--seeds", "1", "--max-minutes", "1", "--out",
                       str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr

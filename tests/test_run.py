@@ -7,6 +7,7 @@ trainers themselves in tests/test_trainers.py."""
 import importlib
 import json
 import struct
+import time
 
 import pytest
 import tyro
@@ -117,3 +118,45 @@ def test_evaluation_in_chunks_gives_what_one_call_gives(tiny_model, tokenizer):
     whole = generate([prompt_ids(tokenizer, p.question) for p in problems], n=1, max_new_tokens=12, temperature=0.0)
     assert calls == [4, 4, 2] and [s[1] for s in samples] == [o[0].text for o in whole]
     assert [s[0] for s in samples] == [p.question for p in problems] and 0 <= acc <= 1
+
+
+def test_the_budget_and_the_minutes_cadence_count_training_not_evaluation():
+    """--max-minutes and --eval-every-minutes read train_s, the wall-clock less the held-out evaluations: a run
+    that spent most of its time evaluating still has its training budget left. Run.end_step on a run whose
+    clocks are set by hand (no model: the decision alone)."""
+    from types import SimpleNamespace
+
+    from common.run import Run
+
+    run = Run.__new__(Run)
+    run.args = SimpleNamespace(max_minutes=1.0, eval_every=100, eval_every_minutes=None, num_steps=1000, save_every=0)
+    run.main, run.last, run.stop_requested, evaluated = False, {}, False, []
+    run.evaluate = evaluated.append
+    run.start_time, run.eval_seconds, run.last_eval_train_s = time.time() - 120, 90.0, 0.0  # 2 min: 30 s training
+    assert run.end_step(3) is False and evaluated == []
+    run.eval_seconds = 50.0  # 70 s of training: over the minute
+    assert run.end_step(4) is True and evaluated == [4]  # out of time: a last evaluation, then stop
+    run.args.max_minutes, run.args.eval_every_minutes = None, 0.5
+    run.eval_seconds, run.last_eval_train_s = 90.0, 10.0  # 20 s of training since the last evaluation
+    assert run.end_step(5) is False and evaluated == [4]
+    run.last_eval_train_s = -5.0  # 35 s since: due, whatever --eval-every says
+    assert run.end_step(6) is False and evaluated == [4, 6]
+
+
+@pytest.mark.parametrize("bf16,device,on", [("auto", "cpu", False), ("on", "cpu", True), ("off", "cpu", False),
+                                            (True, "cpu", True), (False, "cpu", False)])
+def test_bf16_auto_is_float32_on_the_cpu(bf16, device, on):
+    """setup()'s autocast: --bf16 auto is bfloat16 autocast on CUDA only (float32 on the CPU), on and off are
+    what they say, and a run's args.json from before "auto" (a bool) means what it meant."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from common.run import setup
+
+    args = SimpleNamespace(seed=1, device=device, exp_name="x", model="m", backend="hf", resume=None,
+                           num_eval_problems=1, bf16=bf16, gradient_checkpointing="auto")
+    _, autocast, _ = setup(args)
+    with autocast():
+        assert torch.is_autocast_enabled("cpu") == on
+        assert torch.matmul(torch.ones(2, 2), torch.ones(2, 2)).dtype == (torch.bfloat16 if on else torch.float32)
