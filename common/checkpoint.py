@@ -9,7 +9,8 @@ into a temporary folder, flushed to disk, and renamed into place: a rename is at
 folder either exists whole or not at all, and a half-written temporary folder is ignored and removed.
 The trainers put in it: the step, every model's and optimizer's and scheduler's state, every random
 generator's state (`rng_state`), how many bytes of metrics.jsonl belong to the run so far, the elapsed
-wall-clock, and the algorithm's run-long state (Numca's table, PRIME's surplus prompts).
+wall-clock and the part of it spent in held-out evaluations (the training clock is their difference), and the
+algorithm's run-long state (Numca's table, PRIME's surplus prompts).
 """
 
 from __future__ import annotations
