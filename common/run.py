@@ -64,16 +64,20 @@ from common.models import AdapterOff, default_device, is_plain, load_model, plai
 # ---------------------------------------------------------------------------------------------------------
 def resume_args(cls, args):
     """With --resume DIR, the arguments DIR's run was started with (its args.json) and DIR as the run folder;
-    without, `args` unchanged. A folder of another script's run, or one without a checkpoint, is refused here,
-    in one line, before any model is loaded."""
+    without, `args` unchanged. A folder of another script's run (its args.json has flags this script does not
+    know: every trainer has flags of its own), or one without a checkpoint, is refused here, in one line, before
+    any model is loaded. A flag added to the script after the run started takes its default, and is named."""
     if args.resume is None:
         return args
     saved = saved_args(args.resume)
     known = {f.name for f in dataclasses.fields(cls)}
-    if set(saved) != known:
-        alien = sorted(set(saved) ^ known)[:3]
-        raise SystemExit(f"error: {args.resume} is not a run of this script (its args.json differs in "
+    if set(saved) - known:
+        alien = sorted(set(saved) - known)[:3]
+        raise SystemExit(f"error: {args.resume} is not a run of this script (its args.json has "
                          f"{', '.join(alien)}): resume it with the script that started it")
+    if known - set(saved):
+        say(f"{args.resume} was started before these flags existed; they take their defaults: "
+            + ", ".join(f"--{n.replace('_', '-')}" for n in sorted(known - set(saved))))
     if latest_checkpoint(args.resume) is None:
         raise SystemExit(f"error: {args.resume} has no checkpoint yet (runs write them with --save-every N, or on Ctrl-C)")
     return cls(**{**saved, "resume": args.resume})

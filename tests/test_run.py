@@ -80,6 +80,15 @@ def test_resume_of_another_scripts_run_is_one_line(tmp_path):
         module = importlib.import_module(script[:-3])
         with pytest.raises(SystemExit, match="^error: .*is not a run of this script"):
             module.main(tyro.cli(module.Args, args=["--resume", str(run_dir)]))
+    # A run of this script started before a flag existed (here: before issue 30, with --bf16 a bool and no
+    # --eval-every-minutes) resumes, the new flag at its default, the old bool meaning what it meant.
+    saved = json.loads((run_dir / "args.json").read_text())
+    del saved["eval_every_minutes"]
+    (run_dir / "args.json").write_text(json.dumps({**saved, "bf16": True}))
+    ppo = importlib.import_module("ppo")
+    args = ppo.resume_args(ppo.Args, tyro.cli(ppo.Args, args=["--resume", str(run_dir)]))
+    assert args.eval_every_minutes is None and args.bf16 is True and args.num_steps == 1
+    ppo.main(tyro.cli(ppo.Args, args=["--resume", str(run_dir)]))  # nothing left to run: it resumes and finishes
 
 
 def test_evaluation_grades_with_the_question():

@@ -108,7 +108,13 @@ def resumed_equals_uninterrupted(script: str, tmp_path: Path, *extra: str) -> No
     (run_dir,) = (tmp_path / "killed").iterdir()
     proc = run_script(script, "--resume", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert comparable(run_dir) == comparable(ref_dir)
+    resumed, uninterrupted = comparable(run_dir), comparable(ref_dir)
+    # The same records, the same names, the same numbers up to float32's last bits: the CPU default computes in
+    # float32 (issue 30), where a kernel's summation order can move a value by an ulp (once seen: an approx_kl of
+    # 5e-12 against 0); a resume that lost weights, optimizer moments or random state moves them far more.
+    assert [sorted(r) for r in resumed] == [sorted(r) for r in uninterrupted]
+    for got, want in zip(resumed, uninterrupted):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), (got, want)
 
 
 @pytest.mark.parametrize("script", RESUMABLE)
