@@ -6,9 +6,10 @@
     python benchmarks/compare.py --samples 640 --dry-run       # equal samples instead; print the commands
 
 An arm is a script and its flags (ARMS below: `grpo` is `numca.py --no-numca`, `rloo` is
-`prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo`, `hista-cispo` and
-`grpo-bf16`, run only when named in --arms, are GRPO without the sampler-learner correction, the three with
-CISPO's loss, and GRPO's learner under bfloat16 autocast instead of float32 on the CPU). Each run is the unchanged script, launched as a subprocess
+`prime_implicit_prm.py --process-reward-coef 0`; `grpo-nocorr`, `grpo-cispo`, `numca-cispo`, `hista-cispo`,
+`grpo-bf16` and `grpo-lr1e-5`, run only when named in --arms, are GRPO without the sampler-learner correction, the
+three with CISPO's loss, GRPO's learner under bfloat16 autocast instead of float32 on the CPU, and GRPO at the
+learning rate of 1e-5 that every trainer had by default before issue 30 instead of 3e-6). Each run is the unchanged script, launched as a subprocess
 with the same seed, evaluation set (the first --num-eval-problems test problems: every script draws them
 with seed 0), evaluation cadence (--eval-every steps, or --eval-every-minutes of training) and budget as the
 other arms; this file re-implements
@@ -29,8 +30,10 @@ start and end times, exit code), `log.txt` (the script's output) and the script'
 are for their metrics, so they pass --no-save-model).
 
 Resuming. A run whose run.json has exit code 0 is finished and never redone; a run already started with
-another command than the one this invocation would give it (other flags, budget, cadence) is refused in one
-line before anything runs (give another --out, or delete its folder). A run that another
+another command than the one this invocation would give it (other flags, budget, cadence), or with the same
+command when the script's defaults have changed since (its args.json against what the command parses to now:
+a new default learning rate would otherwise keep the old runs), is refused in one line before anything runs
+(give another --out, or delete its folder). A run that another
 invocation is running (a `lock` file naming a live invocation or run on this machine) is left to it, so
 several invocations can share one --out folder: give each its own --arms or --seeds, or the same ones
 (each takes the next free run). A run that was killed restarts cleanly: from its newest checkpoint when
@@ -76,20 +79,27 @@ ARMS: dict[str, tuple[str, list[str], str | None]] = {
     # Issue 30, on request: GRPO's learner under bfloat16 autocast (the GPU's numerics, and the CPU default before
     # issue 30) against float32, the CPU default (the rounding floor of one update: benchmarks/bf16_floor.py).
     "grpo-bf16": ("numca.py", ["--no-numca", "--bf16", "on"], "grpo"),
+    # Issue 30, on request: GRPO at the learning rate every trainer had by default before issue 30 (now 3e-6).
+    "grpo-lr1e-5": ("numca.py", ["--no-numca", "--learning-rate", "1e-5"], "grpo"),
 }
 # The arms run when --arms is not given: every method and its baseline (the others answer narrower questions).
 DEFAULT_ARMS = ["ppo", "vineppo", "grpo", "numca", "hista", "rloo", "prime"]
 
 
-def batch_size(script: str, flags: list[str]) -> int:
-    """Sampled responses per training step of `script` run with `flags`, from the script's own Args."""
+def script_args(script: str, flags: list[str]):
+    """The Args `script` parses from `flags` (its own parser; defaults included)."""
     import importlib
 
     import tyro
 
     sys.path.insert(0, str(ROOT))
     module = importlib.import_module(Path(script).stem)  # the scripts run nothing on import
-    args = tyro.cli(module.Args, args=flags)
+    return tyro.cli(module.Args, args=flags)
+
+
+def batch_size(script: str, flags: list[str]) -> int:
+    """Sampled responses per training step of `script` run with `flags`, from the script's own Args."""
+    args = script_args(script, flags)
     return args.num_prompts * args.samples_per_prompt
 
 
@@ -145,6 +155,28 @@ def refuse_changed_runs(todo: list[tuple[str, int]], opts, extra: list[str]) -> 
         if recorded != now:
             sys.exit(f"error: {run_dir} was run with another command ({recorded!r}; now: {now!r}): give another "
                      f"--out, the same flags as before, or delete {run_dir} to run it again")
+        changed = changed_defaults(arm, seed, run_dir, opts, extra)
+        if changed:
+            sys.exit(f"error: {run_dir} was run with the same command but {changed} (a default of "
+                     f"{ARMS[arm][0]} changed since): give another --out, or delete {run_dir} to run it again")
+
+
+def changed_defaults(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> str:
+    """The settings the run in `run_dir` recorded (its script's args.json) that the same command now resolves
+    otherwise, because the script's defaults changed (say its learning rate), as "name=then (now: value)",
+    comma-separated; "" when none did or nothing was recorded yet. Settings the run's script did not have yet
+    are not compared (the scripts' --resume gives them their defaults too), nor those the script fills in after
+    parsing (a None here; batch_size, computed)."""
+    inner = script_run_dir(run_dir)
+    try:
+        then = json.loads((inner / "args.json").read_text()) if inner is not None else {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    script = ARMS[arm][0]
+    now = vars(script_args(script, run_command(arm, seed, run_dir, opts, extra)[2:]))
+    now = json.loads(json.dumps(now, default=str))  # as args.json has them (tuples as lists, paths as strings)
+    return ", ".join(f"{k}={then[k]!r} (now: {v!r})" for k, v in now.items()
+                     if k in then and k != "batch_size" and v is not None and then[k] != v)
 
 
 def pid_alive(pid: int) -> bool:

@@ -126,7 +126,7 @@ def main() -> None:
                          "or pass --include-unfinished)")
     budgets = {r["budget"]["max_minutes"] for rs in runs.values() for r in rs}
     budget = max((b for b in budgets if b is not None), default=None)
-    order = [a for a in ["ppo", "vineppo", "grpo", "grpo-nocorr", "grpo-bf16", "numca", "hista", "grpo-cispo", "numca-cispo",
+    order = [a for a in ["ppo", "vineppo", "grpo", "grpo-nocorr", "grpo-bf16", "grpo-lr1e-5", "numca", "hista", "grpo-cispo", "numca-cispo",
                          "hista-cispo", "rloo", "prime"] if a in runs]
     order += sorted(a for a in runs if a not in order)
     baseline_of = {a: runs[a][0].get("baseline") for a in order}

@@ -162,6 +162,21 @@ def test_compare_runs_skips_and_restarts(tmp_path, monkeypatch, capsys):
             compare.main()
         assert "started" not in capsys.readouterr().out
 
+    # The same command when a script's default has changed since the run (its args.json says another learning
+    # rate): refused, naming the setting; it was kept as if run with the new default. A setting the run's script
+    # did not have yet (absent from its args.json) is not a change: the second invocation above (unchanged runs)
+    # and the dry run below pass.
+    (inner,) = (out / "ppo" / "seed1").glob("ppo__1__*")
+    recorded = json.loads((inner / "args.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(out), *flags])
+    (inner / "args.json").write_text(json.dumps({**recorded, "learning_rate": recorded["learning_rate"] * 3}))
+    with pytest.raises(SystemExit, match=r"^error: .*ppo/seed1 was run with the same command but learning_rate="):
+        compare.main()
+    (inner / "args.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "learning_rate"}))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(out), "--dry-run", *flags])
+    compare.main()
+    assert "[finished] OMP_NUM_THREADS=1 python ppo.py --seed 1 " in capsys.readouterr().out
+
 
 def test_compare_resumes_a_killed_run_from_its_checkpoint(tmp_path):
     out = tmp_path / "cmp"

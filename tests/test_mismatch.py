@@ -308,12 +308,12 @@ def test_end_to_end(script, mode, extra, tmp_path):
 def test_compare_arms(tmp_path):
     arms = {"grpo-nocorr": "numca.py --no-numca --rollout-correction none", "grpo-cispo": "numca.py --no-numca --loss cispo",
             "numca-cispo": "numca.py --loss cispo", "hista-cispo": "hista.py --loss cispo",
-            "grpo-bf16": "numca.py --no-numca --bf16 on"}
+            "grpo-bf16": "numca.py --no-numca --bf16 on", "grpo-lr1e-5": "numca.py --no-numca --learning-rate 1e-5"}
     proc = run_script("benchmarks/compare.py", "--arms", *arms, "--seeds", "1", "--max-minutes", "1", "--out",
                       str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[to run]")]
-    assert len(lines) == 5
+    assert len(lines) == len(arms)
     for line, (arm, command) in zip(lines, arms.items()):
         assert f" {command} --seed 1 --exp-name {arm} " in line, line
     # the default comparison is unchanged: the new arms run only when named

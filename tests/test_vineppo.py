@@ -446,6 +446,7 @@ def test_vineppo_end_to_end(tmp_path):
     train = [r for r in records if "vine/continuations" in r]
     assert len(train) == 2 and all(r["vine/continuations"] >= 2 * 2 for r in train)  # >= the 2 prompt states x K
     # 2 steps x 2 epochs x 2 minibatches = 8 optimizer steps, the first of them warm-up (1/1). Each step logs the
-    # lr of its first optimizer step: step 0 (1e-5), then step 4, decayed to (8 - 4) / (8 - 1) of it.
-    assert [r["charts/learning_rate"] for r in train] == pytest.approx([1e-5, 1e-5 * 4 / 7])
+    # lr of its first optimizer step: step 0 (the default rate), then step 4, decayed to (8 - 4) / (8 - 1) of it.
+    lr = Args().learning_rate
+    assert [r["charts/learning_rate"] for r in train] == pytest.approx([lr, lr * 4 / 7])
     assert all(r["losses/skipped"] == 0 for r in train)
