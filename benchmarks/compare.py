@@ -25,7 +25,7 @@ run N sampled training responses instead: the step count is N / (num_prompts * s
 arm, read from the script's own argument parser, and each script keeps its own schedule.
 
 Where things go: `{--out}/{arm}/seed{seed}/` holds `run.json` (the command, its environment, the budget,
-start and end times, exit code), `log.txt` (the script's output) and the script's run folder
+the CPU it ran on, start and end times, exit code), `log.txt` (the script's output) and the script's run folder
 (`{arm}__{seed}__{time}/` with `metrics.jsonl`, `args.json`, TensorBoard events; no final model: the runs
 are for their metrics, so they pass --no-save-model).
 
@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import socket
@@ -101,6 +102,19 @@ def batch_size(script: str, flags: list[str]) -> int:
     """Sampled responses per training step of `script` run with `flags`, from the script's own Args."""
     args = script_args(script, flags)
     return args.num_prompts * args.samples_per_prompt
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux): sessions of one benchmark can land on different
+    machines under one host name (this project's runs have seen an AMD EPYC and an Intel Xeon with AMX, whose step
+    times differ), and wall-clock figures compare only between runs on the same processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def run_command(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> list[str]:
@@ -240,7 +254,8 @@ def start(arm: str, seed: int, opts, extra: list[str]) -> tuple[subprocess.Popen
               else f"OMP_NUM_THREADS={opts.threads} " + shlex.join(["python", *command[1:]]),
               "budget": {"max_minutes": opts.max_minutes, "samples": opts.samples,
                          "num_steps": int(command[command.index("--num-steps") + 1]) if not resumed else None},
-              "parallel": opts.parallel, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "parallel": opts.parallel, "host": socket.gethostname(), "cpu": cpu_name(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "resumed": resumed, "returncode": None}
     if resumed and (run_dir / "run.json").exists():  # keep the command that started the run; note the restart
         old = json.loads((run_dir / "run.json").read_text())

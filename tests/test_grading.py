@@ -408,10 +408,13 @@ def test_floods_take_linear_time():
         cpu[name], wall[name] = time.process_time() - start_cpu, time.perf_counter() - start_wall
     print(f"\nfloods of 1 MB: CPU {sum(cpu.values()):.2f} s in all, {max(cpu.values()):.2f} s at most for one; "
           f"wall-clock {sum(wall.values()):.2f} s in all")
-    # Linear code needs about 0.05-0.6 s of CPU per MB here, about 4 s for all; quadratic code would need minutes
-    # to hours. CPU time (of this process only) keeps the bound meaningful when other jobs share the machine.
-    assert sum(cpu.values()) < 12.0
-    assert max(cpu.values()) < 2.0
+    # Linear code needs about 0.05-1.2 s of CPU per MB here (measured alone on 2 cores: 'bare fractions' and '\\sqrt'
+    # take 1.1-1.2 s, and half of that at half a MB), about 7 s for all; inside the full suite, with models loaded
+    # and a large heap for the garbage collector to walk, one took 2.3 s. Quadratic code would need minutes to
+    # hours, so the bounds below leave room for that noise and still catch it. CPU time (of this process only)
+    # keeps them meaningful when other jobs share the machine.
+    assert sum(cpu.values()) < 25.0
+    assert max(cpu.values()) < 6.0
 
 
 @pytest.mark.parametrize("response", [

@@ -112,9 +112,14 @@ def resumed_equals_uninterrupted(script: str, tmp_path: Path, *extra: str) -> No
     # The same records, the same names, the same numbers up to float32's last bits: the CPU default computes in
     # float32 (issue 30), where a kernel's summation order can move a value by an ulp (once seen: an approx_kl of
     # 5e-12 against 0); a resume that lost weights, optimizer moments or random state moves them far more.
+    # The mismatch/* figures are differences between the sampler's and the learner's log-probs (each of size up to
+    # ~10, where a float32 ulp is ~1e-6): an ulp in either is an absolute error of ~1e-7 on a mean of ~3e-3 (once
+    # seen: 0.00306214 against 0.00306205), so they are held to float32's absolute resolution on a log-prob instead.
     assert [sorted(r) for r in resumed] == [sorted(r) for r in uninterrupted]
     for got, want in zip(resumed, uninterrupted):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), (got, want)
+        for key in want:
+            tolerance = 1e-6 if key.startswith("mismatch/") else 1e-9
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=tolerance), (key, got, want)
 
 
 @pytest.mark.parametrize("script", RESUMABLE)
