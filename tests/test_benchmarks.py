@@ -49,7 +49,7 @@ def test_time_to_a_target():
     assert math.isnan(report.time_to(EVALS, 0.41))
 
 
-def fake_run(out: Path, arm: str, seed: int, baseline, evals, step_times, budget=10.0):
+def fake_run(out: Path, arm: str, seed: int, baseline, evals, step_times, budget=10.0, cpu="CPU A"):
     """A finished compare.py run folder with a metrics.jsonl written as the scripts write it."""
     run_dir = out / arm / f"seed{seed}"
     inner = run_dir / f"{arm}__{seed}__1"
@@ -66,7 +66,7 @@ def fake_run(out: Path, arm: str, seed: int, baseline, evals, step_times, budget
     (inner / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "run.json").write_text(json.dumps({
         "arm": arm, "seed": seed, "baseline": baseline, "command": f"python x.py --seed {seed}",
-        "budget": {"max_minutes": budget, "samples": None, "num_steps": 1000}, "returncode": 0}))
+        "budget": {"max_minutes": budget, "samples": None, "num_steps": 1000}, "cpu": cpu, "returncode": 0}))
 
 
 def table(md: str, heading: str) -> dict[str, list[str]]:
@@ -103,7 +103,38 @@ def test_report_tables_by_hand(tmp_path):
     # minutes to grpo's best (0.40 at both seeds): numca 11/3 and 7; grpo itself 7 and 31/3.
     assert pair[7:10] == ["3.7, 7.0", "7.0, 10.3", "2 of 2"]
     steps = table(md, "Step time")
-    assert steps["grpo"][1:5] == ["180.0", "1.0", "179.0", "0.0"] and steps["numca"][5] == "+0% (against grpo)"
+    assert steps["grpo"][1:5] == ["180.0", "1.0", "179.0", "0.0"]
+    assert steps["numca"][5] == "+0% (against grpo, 2 of 2 seeds)"
+    assert "- CPU A: grpo 1, grpo 2, numca 1, numca 2" in md and "†" not in md
+    # Run by run: grpo seed 1 peaks at 0.40 (step 2) and ends at 0.36, 4 points under its best; the others end
+    # within 2 points of theirs; all four end above 0.30.
+    assert "4 of 4 runs end above their step-0 accuracy; 3 of 4 end within 3 points of their best" in md
+    assert "| grpo | 1 | 0.300 | 0.400 | 2 | 0.360 | +0.060 | 0.040 | CPU A |" in md
+    assert "| numca | 2 | 0.300 | 0.400 | 2 | 0.380 | +0.080 | 0.020 | CPU A |" in md
+
+
+def test_report_sets_minutes_against_minutes_only_on_one_processor(tmp_path):
+    # Seed 2 of numca ran on another machine than grpo's seed 2, whose steps take twice as long: its minutes are
+    # marked †, and its step time stays out of the overhead (+50% with it: (1 + 2) / 2 - 1). Its accuracy counts.
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    fake_run(out, "grpo", 1, None, [(0.30, 20), (0.40, 20)], [180])
+    fake_run(out, "grpo", 2, None, [(0.30, 20), (0.40, 20)], [180])
+    fake_run(out, "numca", 1, "grpo", [(0.30, 20), (0.40, 20)], [180])
+    fake_run(out, "numca", 2, "grpo", [(0.30, 20), (0.44, 20)], [360], cpu="CPU B")
+    fake_run(out, "hista", 2, "grpo", [(0.30, 20), (0.44, 20)], [360], cpu="CPU B")
+    proc = subprocess.run([sys.executable, "benchmarks/report.py", "--out", str(out), "--docs", str(docs)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    md = (docs / "compare.md").read_text()
+    pair = table(md, "Each method")
+    assert pair["numca"][2] == "2" and pair["numca"][4] == "0.020 ± 0.020"  # both seeds' end: +0.00 and +0.04
+    # Minutes (wall_s here, evaluations included): grpo's best 0.40 at 220 s at both seeds; numca reaches it at
+    # 220 s and, on the slower processor, 400 s.
+    assert pair["numca"][7:10] == ["3.7, 6.7†", "3.7, 3.7†", "2 of 2"]
+    steps = table(md, "Step time")
+    assert steps["numca"][1] == "270.0" and steps["numca"][5] == "+0% (against grpo, 1 of 2 seeds)"
+    assert steps["hista"][5] == "- (no seed ran with grpo on one processor)"
+    assert "- CPU A: grpo 1, grpo 2, numca 1" in md and "- CPU B: numca 2, hista 2" in md
 
 
 def test_report_without_runs_is_one_line(tmp_path):
