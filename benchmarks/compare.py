@@ -104,17 +104,24 @@ def batch_size(script: str, flags: list[str]) -> int:
     return args.num_prompts * args.samples_per_prompt
 
 
-def cpu_name() -> str:
-    """The processor's model name (/proc/cpuinfo on Linux): sessions of one benchmark can land on different
-    machines under one host name (this project's runs have seen an AMD EPYC and an Intel Xeon with AMX, whose step
-    times differ), and wall-clock figures compare only between runs on the same processor."""
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name, with its family and model numbers where /proc/cpuinfo gives them (Linux):
+    sessions of one benchmark can land on different machines under one host name (this project's runs have seen
+    two AMD EPYC generations, which both name themselves "AMD EPYC", and an Intel Xeon with AMX, whose step times
+    differ), and wall-clock figures compare only between runs on the same processor."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def run_command(arm: str, seed: int, run_dir: Path, opts, extra: list[str]) -> list[str]:

@@ -143,6 +143,41 @@ def test_report_without_runs_is_one_line(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: no finished runs")
 
 
+def test_cpu_name_tells_processor_generations_apart(tmp_path):
+    """Two EPYC generations both call themselves "AMD EPYC": the family and model numbers tell them apart."""
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n\n"
+    for family, model in [(25, 17), (26, 2)]:
+        (tmp_path / "cpuinfo").write_text(block.format(0, family, model) + block.format(1, 99, 99))
+        assert compare.cpu_name(tmp_path / "cpuinfo") == f"AMD EPYC (family {family}, model {model})"
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Some CPU\n")  # no family (not x86)
+    assert compare.cpu_name(tmp_path / "cpuinfo") == "Some CPU"
+
+
+# ---- the headline benchmark's runs, committed in benchmarks/results/ as they finish ----
+def test_committed_headline_runs_match_the_readme_command_and_todays_defaults():
+    """The README's headline command, dry-run on the committed folder: it refuses (exit 1) any committed run made
+    with another command or with defaults a script has changed since (a stale result), and the number of
+    finished runs it lists is the one the README states."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"`(python benchmarks/compare\.py --out benchmarks/results/compare640 [^`]*)`", readme)
+    assert found, "the README no longer gives the headline benchmark's command"
+    command = found.group(1).split()
+    stated = re.search(r"(\d+) of its 30 runs are committed", readme)
+    assert stated, "the README no longer says how many of the headline runs are committed"
+    cut = command.index("--") if "--" in command else len(command)  # compare.py's own flags go before --
+    proc = subprocess.run([sys.executable, *command[1:cut], "--dry-run", *command[cut:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 30 and all(line.startswith(("[finished] ", "[to run] ")) for line in lines)
+    finished = sum(line.startswith("[finished] ") for line in lines)
+    on_disk = [p for p in (ROOT / "benchmarks/results/compare640").glob("*/seed*/run.json")
+               if json.loads(p.read_text()).get("returncode") == 0]
+    assert finished == len(on_disk) == int(stated.group(1))
+
+
 # ---- compare.py: real runs of the tiny model ----
 def run_compare(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/compare.py", "--out", str(out), *args], cwd=ROOT,
