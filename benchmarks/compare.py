@@ -72,9 +72,11 @@ ARMS: dict[str, tuple[str, list[str], str | None]] = {
     "rloo": ("prime_implicit_prm.py", ["--process-reward-coef", "0"], None),
     "prime": ("prime_implicit_prm.py", [], "rloo"),
     # Issue 28, on request (--arms): grpo's sampler-learner correction (TRL's sequence_mask, numca.py's default)
-    # against none; and the official recipes' other loss, CISPO, for the baseline and both estimators.
+    # against none; and the official recipes' other loss, CISPO, for the baseline and both estimators: the
+    # baseline with CISPO against the baseline with DAPO's clipped loss (MiniMax-M1's comparison), each estimator
+    # with CISPO against the baseline with CISPO.
     "grpo-nocorr": ("numca.py", ["--no-numca", "--rollout-correction", "none"], "grpo"),
-    "grpo-cispo": ("numca.py", ["--no-numca", "--loss", "cispo"], None),
+    "grpo-cispo": ("numca.py", ["--no-numca", "--loss", "cispo"], "grpo"),
     "numca-cispo": ("numca.py", ["--loss", "cispo"], "grpo-cispo"),
     "hista-cispo": ("hista.py", ["--loss", "cispo"], "grpo-cispo"),
     # Issue 30, on request: GRPO's learner under bfloat16 autocast (the GPU's numerics, and the CPU default before

@@ -119,6 +119,14 @@ def time_to(evals: list[tuple], target: float) -> float:
     return hits[0] if hits else math.nan
 
 
+def families(order: list[str], baseline_of: dict[str, str | None]) -> list[list[str]]:
+    """The plot's columns: each arm that has no baseline among the runs, or that is itself the baseline of another
+    (grpo-cispo: measured against grpo, and the baseline of numca-cispo), heads a column of itself and the arms
+    measured against it, so such an arm is drawn in two columns."""
+    heads = [a for a in order if baseline_of[a] not in order or any(baseline_of[m] == a for m in order)]
+    return [[a] + [m for m in order if baseline_of[m] == a] for a in heads]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/compare", help="compare.py's results folder")
@@ -261,12 +269,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [[a] + [m for m in order if baseline_of[m] == a] for a in order if baseline_of[a] not in runs]
-    fig, axes = plt.subplots(2, len(families), figsize=(max(6, 5 * len(families)), 7), squeeze=False)
+    fig_families = families(order, baseline_of)
+    fig, axes = plt.subplots(2, len(fig_families), figsize=(max(6, 5 * len(fig_families)), 7), squeeze=False)
     # Each curve stops where the shortest of its seeds stops, so that every point is a mean over all seeds.
     minute_grid = np.linspace(0, max(r["evals"][-1][1] for rs in runs.values() for r in rs), 200)
     sample_grid = np.linspace(0, max(r["evals"][-1][2] for rs in runs.values() for r in rs), 200)
-    for col, family in enumerate(families):
+    for col, family in enumerate(fig_families):
         for row, (x_axis, xs, label) in enumerate([(1, minute_grid, f"minutes {clock[0]} ({clock[1]})"),
                                                    (2, sample_grid, "training samples")]):
             ax = axes[row][col]

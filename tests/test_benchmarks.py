@@ -137,6 +137,16 @@ def test_report_sets_minutes_against_minutes_only_on_one_processor(tmp_path):
     assert "- CPU A: grpo 1, grpo 2, numca 1" in md and "- CPU B: numca 2, hista 2" in md
 
 
+def test_report_pairs_a_chain_of_baselines():
+    """grpo-cispo is measured against grpo and is numca-cispo's baseline: it heads a plot column of its own and
+    stays in grpo's; an arm whose baseline did not run heads its own."""
+    order = ["ppo", "vineppo", "grpo", "numca", "grpo-cispo", "numca-cispo", "hista-cispo", "prime"]
+    baseline_of = {"ppo": None, "vineppo": "ppo", "grpo": None, "numca": "grpo", "grpo-cispo": "grpo",
+                   "numca-cispo": "grpo-cispo", "hista-cispo": "grpo-cispo", "prime": "rloo"}
+    assert report.families(order, baseline_of) == [["ppo", "vineppo"], ["grpo", "numca", "grpo-cispo"],
+                                                   ["grpo-cispo", "numca-cispo", "hista-cispo"], ["prime"]]
+
+
 def test_report_without_runs_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/report.py", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
