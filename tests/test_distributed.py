@@ -20,6 +20,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,9 @@ def _reductions_worker(rank: int, port: int) -> None:
     (((out - y[mine]) ** 2).sum() if rank == 0 else dist.zero_loss(out)).backward()
     if rank == 0:
         torch.testing.assert_close(model.weight.grad, own / 2)
+    still_wrapped = weakref.ref(ddp)
+    del ddp, out  # DDP goes before the process group does (see common.distributed.close: else it can deadlock)
+    assert still_wrapped() is None
     dist.close()
 
 
@@ -101,7 +106,15 @@ def free_port() -> int:
 
 
 def test_reductions_over_two_ranks():
-    torch.multiprocessing.spawn(_reductions_worker, args=(free_port(),), nprocs=2)
+    # Waits at most 3 minutes (the ranks take ~15 s): a deadlocked rank fails the test instead of holding the suite
+    # for the process group's one-hour timeout. A rank's exception is raised here by join().
+    ranks = torch.multiprocessing.start_processes(_reductions_worker, args=(free_port(),), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the 2 gloo ranks were still running after 180 s: a deadlock (py-spy dump shows where)")
 
 
 # ---- the same first update, 2 processes against 1 ----
